@@ -1,0 +1,32 @@
+"""vit_jax: the Vision Transformer (Dosovitskiy et al., 2020) in JAX/Flax, from a laptop CPU to a TPU pod."""
+import setuptools
+
+setuptools.setup(
+    name='vit_jax',
+    version='0.1.0',
+    description='Vision Transformer (ViT) in JAX/Flax: models, training, fine-tuning, analysis.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
+    install_requires=[
+        'jax>=0.7',
+        'flax>=0.10',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11',
+        'ml_collections>=0.1.1',
+        'absl-py>=2.0',
+        'numpy>=1.26',
+        'tensorflow-cpu>=2.16',
+        'tensorflow-datasets>=4.9.6',
+        'tensorboard>=2.16',  # tf.summary needs it; tensorflow-cpu 2.21 no longer pulls it in.
+        # tensorflow-datasets imports it without declaring it (4.9.10).
+        'importlib_resources>=6.0',
+        # The pip-only embedded dataset (configs/digits.py).
+        'scikit-learn>=1.3',
+    ],
+    extras_require={
+        'test': ['pytest>=8.0', 'pytest-timeout>=2.3'],
+    },
+)

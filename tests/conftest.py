@@ -1,0 +1,31 @@
+"""Shared fixtures: a tfds data_dir per test session, the configs, and a helper that runs the main job."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, 'configs')
+
+
+def load_config(name: str):
+  return config_lib.load_config_file(os.path.join(CONFIG_DIR, name))
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """One tfds data_dir for the session: embedded datasets are built into it once, then reused."""
+  return str(tmp_path_factory.mktemp('tensorflow_datasets'))
+
+
+def run_main(workdir, *flags, env=None, check=True, timeout=600):
+  """Runs `python -m vit_jax.main` as a user would, in a fresh process; returns the CompletedProcess."""
+  cmd = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *flags]
+  result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f'{" ".join(cmd)} failed ({result.returncode}):\n{result.stderr[-5000:]}')
+  return result

@@ -1,0 +1,102 @@
+"""The embedded tfds datasets and the tf.data pipeline, on real data built on disk."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from vit_jax import input_pipeline
+from vit_jax.datasets import embedded
+
+
+def _digits_config(data_dir, **overrides):
+  config = load_config('digits.py')
+  config.data_dir = data_dir
+  config.update(overrides)
+  return config
+
+
+def test_digits_build_into_a_tfds_dataset_with_stratified_splits(data_dir):
+  builder = input_pipeline.get_builder('embedded_digits', data_dir)
+  assert builder.is_prepared()
+  assert os.path.isdir(os.path.join(data_dir, 'embedded_digits', '1.0.0'))
+  info = input_pipeline.get_info(builder, _digits_config(data_dir))
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples, info.channels) == (10, 1442, 355, 1)
+  labels = np.array([ex['label'] for ex in builder.as_dataset(split='test').as_numpy_iterator()])
+  # Stratified: every class keeps a fifth of its ~180 examples for the test split.
+  counts = np.bincount(labels, minlength=10)
+  assert counts.min() >= 34 and counts.max() <= 37, counts
+
+
+@pytest.mark.skipif(not any(os.path.exists(d) for d in embedded.FASHION_MNIST_DIRS),
+                    reason='dataset-fashion-mnist is not installed (CI installs it)')
+def test_fashion_mnist_builds_from_the_debian_files(data_dir):
+  builder = input_pipeline.get_builder('embedded_fashion_mnist', data_dir)
+  config = load_config('default.py')
+  info = input_pipeline.get_info(builder, config)
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 60_000, 10_000)
+  # The stored examples are the original ones, labels included (tfds may store them in another order).
+  images, labels = embedded.read_fashion_mnist('test')
+  originals = {(image.tobytes(), int(label)) for image, label in zip(images, labels)}
+  for example in builder.as_dataset(split='test').take(50).as_numpy_iterator():
+    assert example['image'].shape == (28, 28, 1)
+    assert (example['image'].tobytes(), int(example['label'])) in originals
+
+
+def test_missing_fashion_mnist_files_name_the_install_command(tmp_path, monkeypatch):
+  monkeypatch.setattr(embedded, 'FASHION_MNIST_DIRS', (str(tmp_path),))
+  with pytest.raises(embedded.MissingDataError, match='apt-get install dataset-fashion-mnist'):
+    input_pipeline.get_builder('embedded_fashion_mnist', str(tmp_path / 'tfds'))
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+  path = tmp_path / 'bad-images-idx3-ubyte.gz'
+  with gzip.open(path, 'wb') as f:
+    f.write(b'\0\0\x08\x03' + np.array([10, 28, 28], '>i4').tobytes() + bytes(100))
+  with pytest.raises(ValueError, match='truncated'):
+    embedded.read_idx(str(path))
+
+
+def test_missing_tfds_dataset_says_where_it_looked_and_how_to_prepare(tmp_path):
+  with pytest.raises(input_pipeline.DatasetNotFound, match=r"'cifar10' is not prepared in .*tfds build cifar10"):
+    input_pipeline.get_builder('cifar10', str(tmp_path))
+  with pytest.raises(input_pipeline.DatasetNotFound, match='Unknown dataset'):
+    input_pipeline.get_builder('no_such_dataset_anywhere', str(tmp_path))
+
+
+def test_train_batches_are_augmented_in_range_and_resumable(data_dir):
+  config = _digits_config(data_dir, image_size=16)
+  config.pp.inception_crop = True
+  config.pp.flip = True
+  builder = input_pipeline.get_builder(config.dataset, data_dir)
+  stream = input_pipeline.train_dataset(builder, config, local_batch_size=32)
+  batches = [next(stream) for _ in range(5)]
+  images = batches[0]['image']
+  assert images.shape == (32, 16, 16, 1) and images.dtype == np.float32
+  assert batches[0]['label'].dtype == np.int32
+  assert images.min() >= -1.0 and images.max() <= 1.0 and images.min() < -0.9 and images.max() > 0.9
+  # The same seed gives the same stream; a stream started at step 3 continues where step 3 would be.
+  again = input_pipeline.train_dataset(builder, config, local_batch_size=32)
+  np.testing.assert_array_equal(next(again)['image'], images)
+  resumed = input_pipeline.train_dataset(builder, config, local_batch_size=32, start_step=3)
+  resumed_batch = next(resumed)
+  np.testing.assert_array_equal(resumed_batch['image'], batches[3]['image'])
+  np.testing.assert_array_equal(resumed_batch['label'], batches[3]['label'])
+  # Augmentation: the same example differs between epochs (train split of 1442 is seen ~once per 45 batches).
+  config.pp.inception_crop = config.pp.flip = False
+  plain = next(input_pipeline.train_dataset(builder, config, local_batch_size=32))
+  assert not np.array_equal(plain['image'], images)
+
+
+def test_eval_dataset_covers_every_example_once_with_padding_masked(data_dir):
+  config = _digits_config(data_dir)
+  builder = input_pipeline.get_builder(config.dataset, data_dir)
+  batches = list(input_pipeline.eval_dataset(builder, config, local_batch_size=100, num_examples=355)
+                 .as_numpy_iterator())
+  assert len(batches) == 4
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == 355 and np.all(mask[:355] == 1) and np.all(mask[355:] == 0)
+  labels = np.concatenate([b['label'] for b in batches])[:355]
+  expected = np.array([ex['label'] for ex in builder.as_dataset(split='test').as_numpy_iterator()])
+  np.testing.assert_array_equal(np.sort(labels), np.sort(expected))

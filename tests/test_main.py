@@ -1,0 +1,98 @@
+"""The main job end to end, as a user runs it: train, evaluate, checkpoint, resume after a kill, clear errors."""
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from conftest import ROOT, run_main
+
+TINY = ('--config=configs/digits.py', '--config.model.num_layers=2', '--config.model.hidden_size=64',
+        '--config.model.mlp_dim=128', '--config.batch_size=32', '--config.eval_batch_size=71')
+
+
+def _restore_params(workdir, step):
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  return manager.restore(step, args=ocp.args.StandardRestore())['params']
+
+
+def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  result = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150',
+                    '--config.log_every_steps=50', '--config.checkpoint_every_steps=100',
+                    '--config.eval_every_steps=100')
+  match = re.search(r'Final test accuracy: ([\d.]+) \((\d+)/355', result.stdout)
+  assert match, result.stdout + result.stderr[-3000:]
+  assert float(match[1]) > 0.5  # 10 classes: chance is 0.1.
+  assert re.search(r'step 100/150 +loss [\d.]+ +accuracy [\d.]+ +[\d.]+ steps/s +\d+ images/s +ETA 0:',
+                   result.stderr)
+  assert 'eval accuracy' in result.stderr
+  steps = sorted(int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit())
+  assert steps == [100, 150]
+  events = glob.glob(str(workdir / 'events.out.tfevents.*'))
+  assert events
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(str(workdir))
+  accumulator.Reload()
+  tags = set(accumulator.Tags()['tensors'])
+  assert {'train/loss', 'train/images_per_sec', 'eval/accuracy'} <= tags
+
+  # A second run with the same workdir resumes from the final checkpoint and only evaluates.
+  again = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150')
+  assert 'Resumed from the checkpoint of step 150' in again.stderr
+  assert f'Final test accuracy: {match[1]}' in again.stdout
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
+  flags = (*TINY, f'--config.data_dir={data_dir}', '--config.total_steps=60', '--config.checkpoint_every_steps=20',
+           '--config.log_every_steps=20', '--config.eval_every_steps=1000')
+  run_main(tmp_path / 'straight', *flags)
+
+  # Kill -9 the second run as soon as its first checkpoint is complete (orbax renames it into place).
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={killed}', *flags], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not os.path.isdir(killed / 'checkpoints' / '20') and time.time() < deadline:
+    assert process.poll() is None, 'the run ended before it could be killed'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  kept = sorted(int(p) for p in os.listdir(killed / 'checkpoints') if p.isdigit())
+  assert kept and kept[-1] < 60, kept  # Killed mid-run.
+
+  resumed = run_main(killed, *flags)
+  assert f'Resumed from the checkpoint of step {kept[-1]}' in resumed.stderr
+  straight_params, resumed_params = _restore_params(tmp_path / 'straight', 60), _restore_params(killed, 60)
+  for a, b in zip(jax.tree.leaves(straight_params), jax.tree.leaves(resumed_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_main_job_on_several_devices_and_an_indivisible_batch(tmp_path, data_dir):
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  result = run_main(tmp_path / 'two', *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=20',
+                    '--config.eval_batch_size=72', env=env)
+  assert 'on 2 devices' in result.stderr and 'Final test accuracy' in result.stdout
+  bad = run_main(tmp_path / 'bad', *TINY, f'--config.data_dir={data_dir}', '--config.batch_size=33', env=env,
+                 check=False)
+  assert bad.returncode != 0
+  assert 'batch size 33 is not divisible by the number of devices 2' in bad.stderr
+
+
+def test_main_job_errors_are_clear(tmp_path, data_dir):
+  missing = run_main(tmp_path / 'a', '--config=configs/vit_b16.py', f'--config.data_dir={tmp_path}/empty',
+                     check=False)
+  assert missing.returncode != 0 and "'imagenet2012' is not prepared in" in missing.stderr
+  assert 'tfds build imagenet2012' in missing.stderr
+  unknown = run_main(tmp_path / 'b', *TINY, f'--config.data_dir={data_dir}', '--config.model.name=ViT-Q/16',
+                     check=False)
+  assert unknown.returncode != 0 and 'Known variants: ViT-Ti/16' in unknown.stderr
+  patch = run_main(tmp_path / 'c', *TINY, f'--config.data_dir={data_dir}', '--config.model.name=ViT-mu/3',
+                   check=False)
+  assert patch.returncode != 0 and 'image size 8x8 is not divisible by the patch size 3' in patch.stderr

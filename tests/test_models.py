@@ -1,0 +1,153 @@
+"""The ViT and hybrid models: the paper's parameter counts, the published layout, every option's shapes."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+
+# Exact counts of the published architectures with a 1000-class head and no pre-logits (PAPER.md).
+PAPER_PARAM_COUNTS = {
+    'ViT-Ti/16': 5_717_416,
+    'ViT-S/16': 22_050_664,
+    'ViT-B/16': 86_567_656,
+    'ViT-B/32': 88_224_232,
+    'ViT-B/8': 86_576_872,
+    'ViT-L/16': 304_326_632,
+    'ViT-L/32': 306_535_400,
+    'ViT-H/14': 632_045_800,
+    'R50+ViT-B/16': 98_659_112,
+}
+
+
+def _abstract_params(model, image_size, channels=3):
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']
+
+
+@pytest.mark.parametrize('name,expected', sorted(PAPER_PARAM_COUNTS.items()))
+def test_paper_parameter_counts(name, expected):
+  assert models.count_params(models.get_model(name, num_classes=1000), image_size=224) == expected
+
+
+def test_every_paper_variant_has_a_registry_entry_and_output_shape():
+  for name in models.PAPER_VARIANTS:
+    model = models.get_model(name, num_classes=7)
+    params = _abstract_params(model, 224)
+    logits = jax.eval_shape(lambda p, x, m=model: m.apply({'params': p}, x), params,
+                            jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+    assert logits.shape == (2, 7), name
+
+
+def test_published_checkpoint_layout_of_vit_b16():
+  params = _abstract_params(models.get_model('ViT-B/16', 1000, representation_size=768), 224)
+  flat = {'/'.join(k): v.shape for k, v in flax.traverse_util.flatten_dict(params).items()}
+  block = 'Transformer/encoderblock_11'
+  expected = {
+      'embedding/kernel': (16, 16, 3, 768), 'embedding/bias': (768,), 'cls': (1, 1, 768),
+      'Transformer/posembed_input/pos_embedding': (1, 197, 768),
+      f'{block}/LayerNorm_0/scale': (768,), f'{block}/LayerNorm_2/bias': (768,),
+      f'{block}/MultiHeadDotProductAttention_1/query/kernel': (768, 12, 64),
+      f'{block}/MultiHeadDotProductAttention_1/key/bias': (12, 64),
+      f'{block}/MultiHeadDotProductAttention_1/out/kernel': (12, 64, 768),
+      f'{block}/MlpBlock_3/Dense_0/kernel': (768, 3072), f'{block}/MlpBlock_3/Dense_1/kernel': (3072, 768),
+      'Transformer/encoder_norm/scale': (768,), 'pre_logits/kernel': (768, 768), 'head/kernel': (768, 1000),
+  }
+  for key, shape in expected.items():
+    assert flat.get(key) == shape, key
+  assert 'Transformer/encoderblock_12/LayerNorm_0/scale' not in flat
+
+
+def test_hybrid_layout_and_14x14_token_grid():
+  params = _abstract_params(models.get_model('R50+ViT-B/16', 1000), 224)
+  flat = {'/'.join(k): v.shape for k, v in flax.traverse_util.flatten_dict(params).items()}
+  assert flat['conv_root/kernel'] == (7, 7, 3, 64)
+  assert flat['gn_root/scale'] == (64,)
+  assert flat['block1/unit1/conv_proj/kernel'] == (1, 1, 64, 256)
+  assert flat['block3/unit9/conv3/kernel'] == (1, 1, 256, 1024)
+  assert 'block3/unit10/conv1/kernel' not in flat and 'block4/unit1/conv1/kernel' not in flat
+  assert flat['embedding/kernel'] == (1, 1, 1024, 768)  # Patch size 1 over the 14x14x1024 feature map.
+  assert flat['Transformer/posembed_input/pos_embedding'] == (1, 14 * 14 + 1, 768)
+
+
+def _tiny(**overrides):
+  kwargs = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2)
+  kwargs.update(overrides)
+  return models.get_model('ViT-B/4', num_classes=5, **kwargs)
+
+
+@pytest.mark.parametrize('classifier', models.CLASSIFIERS)
+@pytest.mark.parametrize('posemb', models.POSEMB_KINDS)
+def test_classifiers_and_position_embeddings_run(classifier, posemb):
+  model = _tiny(classifier=classifier, posemb=posemb, representation_size=16, dropout_rate=0.1)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (3, 16, 12, 3), minval=-1, maxval=1)  # 4x3 patches.
+  variables = model.init(jax.random.PRNGKey(0), images)
+  logits = model.apply(variables, images)
+  assert logits.shape == (3, 5)
+  assert np.all(np.asarray(logits) == 0), 'The head is zero-initialised.'
+  # With a non-zero head, the outputs depend on the input and dropout acts only in training.
+  params = jax.tree.map(lambda x: x, variables['params'])
+  params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])
+  eval_logits = model.apply({'params': params}, images)
+  assert not np.allclose(eval_logits[0], eval_logits[1])
+  train_logits = model.apply({'params': params}, images, train=True, rngs={'dropout': jax.random.PRNGKey(2)})
+  assert not np.allclose(train_logits, eval_logits)
+  has_cls = 'cls' in variables['params']
+  assert has_cls == (classifier == 'token')
+  posemb_params = variables['params']['Transformer'].get('posembed_input', {})
+  tokens = 12 + has_cls
+  expected = {'learn_1d': {'pos_embedding': (1, tokens, 32)},
+              'learn_2d': {'pos_embedding_row': (4, 16), 'pos_embedding_col': (3, 16)},
+              'sincos_2d': {}, 'none': {}}[posemb]
+  assert {k: v.shape for k, v in posemb_params.items()} == expected
+
+
+def test_position_embeddings_change_the_output_unless_none():
+  images = jax.random.uniform(jax.random.PRNGKey(1), (1, 16, 16, 3), minval=-1, maxval=1)
+  # Permuting the patches permutes the tokens; with GAP and no position embedding the output is invariant.
+  patches = images.reshape(1, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(1, 16, 4, 4, 3)
+  shuffled = patches[:, ::-1].reshape(1, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(1, 16, 16, 3)
+  for posemb, invariant in (('none', True), ('sincos_2d', False), ('learn_2d', False)):
+    model = _tiny(classifier='gap', posemb=posemb)
+    params = model.init(jax.random.PRNGKey(0), images)['params']
+    params['head']['kernel'] = jax.random.normal(jax.random.PRNGKey(3), params['head']['kernel'].shape)
+    a, b = model.apply({'params': params}, images), model.apply({'params': params}, shuffled)
+    assert np.allclose(a, b, atol=1e-5) == invariant, posemb
+
+
+def test_hybrid_runs_at_small_size():
+  model = models.get_model('R50+ViT-Ti/16', num_classes=3, num_layers=1, resnet_layers=(1, 1, 1))
+  images = jnp.zeros((2, 64, 64, 3))
+  variables = model.init(jax.random.PRNGKey(0), images)
+  assert model.apply(variables, images).shape == (2, 3)
+  assert variables['params']['Transformer']['posembed_input']['pos_embedding'].shape == (1, 4 * 4 + 1, 192)
+
+
+def test_attention_weights_are_sown_and_normalised():
+  model = _tiny()
+  images = jnp.zeros((2, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(0), images)
+  _, state = model.apply(variables, images, mutable=['intermediates'])
+  weights = state['intermediates']['Transformer']['encoderblock_1']['MultiHeadDotProductAttention_1'][
+      'attention_weights'][0]
+  assert weights.shape == (2, 4, 5, 5)  # (batch, heads, queries, keys) with 4 patches + [CLS].
+  np.testing.assert_allclose(np.sum(weights, -1), 1.0, rtol=1e-5)
+
+
+def test_unknown_variant_lists_the_known_ones():
+  with pytest.raises(ValueError, match=r'Unknown model variant .*ViT-X/16.*ViT-B/16.*R50\+ViT-B/16'):
+    models.get_model('ViT-X/16', num_classes=10)
+  with pytest.raises(ValueError, match='Unknown model options'):
+    models.get_model('ViT-B/16', num_classes=10, hiden_size=3)
+
+
+def test_image_size_not_divisible_by_patch_size():
+  model = models.get_model('ViT-B/16', num_classes=10)
+  with pytest.raises(ValueError, match=r'image size 100x100 is not divisible by the patch size 16.*224'):
+    models.count_params(model, image_size=100)
+
+
+def test_parse_variant_accepts_published_file_names():
+  assert models.parse_variant('ViT-B_16') == models.parse_variant('ViT-B/16') == models.parse_variant('B/16')
+  assert models.parse_variant('R50+ViT-B_16')['patch_size'] == 1

@@ -1,0 +1,80 @@
+"""Optimizer, schedule and the jitted train/eval steps over the device mesh."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import load_config
+from vit_jax import train
+
+
+def _small_config(**overrides):
+  config = load_config('digits.py')
+  config.model.num_layers = 2
+  config.update(overrides)
+  return config
+
+
+def test_schedule_warms_up_linearly_then_decays_to_zero():
+  for kind in ('linear', 'cosine'):
+    config = _small_config(lr=1e-3, warmup_steps=10, schedule=kind)
+    schedule = train.learning_rate_schedule(config, 110)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(60)) == pytest.approx(5e-4, rel=1e-5)  # Halfway: linear and cosine agree.
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-9)
+  # Between warmup and the middle, cosine stays above linear.
+  linear = train.learning_rate_schedule(_small_config(lr=1e-3, warmup_steps=10, schedule='linear'), 110)
+  cosine = train.learning_rate_schedule(_small_config(lr=1e-3, warmup_steps=10, schedule='cosine'), 110)
+  assert float(cosine(35)) > float(linear(35)) + 1e-5
+  with pytest.raises(ValueError, match='Unknown schedule'):
+    train.learning_rate_schedule(_small_config(schedule='step'), 10)
+
+
+def test_weight_decay_spares_biases_and_norms():
+  config = _small_config(lr=1.0, warmup_steps=0, weight_decay=0.5, grad_clip_norm=0.0, schedule='linear')
+  optimizer = train.create_optimizer(config, num_steps=1000)
+  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+  assert np.allclose(updates['kernel'], -0.5)  # lr * wd * w, with a zero gradient.
+  assert np.allclose(updates['bias'], 0.0)
+
+
+def test_sgd_fine_tuning_optimizer_clips_the_global_norm():
+  config = _small_config(optimizer='sgd', lr=1.0, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0,
+                         momentum=0.9)
+  optimizer = train.create_optimizer(config, num_steps=1000)
+  params = {'w': jnp.zeros((4,))}
+  updates, _ = optimizer.update({'w': jnp.full((4,), 10.0)}, optimizer.init(params), params)
+  assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
+  with pytest.raises(ValueError, match='Unknown optimizer'):
+    train.create_optimizer(_small_config(optimizer='lamb'), 10)
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+  config = _small_config(lr=3e-3, warmup_steps=0, label_smoothing=0.0)
+  model = train.build_model(config, num_classes=10)
+  optimizer = train.create_optimizer(config, num_steps=100)
+  mesh = train.make_mesh()
+  state = train.init_state(model, optimizer, jax.random.PRNGKey(0), (8, 8, 1))
+  rng = np.random.default_rng(0)
+  batch = train.to_global_batch({'image': rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32),
+                                 'label': rng.integers(0, 10, 64).astype(np.int32)}, mesh)
+  step = train.jit_train_step(model, optimizer, config, mesh)
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 10
+  assert losses[0] == pytest.approx(np.log(10), rel=1e-4)  # Zero-initialised head: uniform predictions.
+  assert losses[-1] < losses[0] - 0.3
+
+  eval_fn = train.jit_eval_step(model, mesh)
+  sums = eval_fn(state.params, {**batch, 'mask': jnp.ones((64,))})
+  assert float(sums['count']) == 64 and 0 <= float(sums['correct']) <= 64
+  masked = eval_fn(state.params, {**batch, 'mask': jnp.zeros((64,)).at[:10].set(1.0)})
+  assert float(masked['count']) == 10 and float(masked['correct']) <= 10
+

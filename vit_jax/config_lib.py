@@ -1,0 +1,78 @@
+"""The fields every config has, with defaults; files in `configs/` set what differs, like rows of a table.
+
+Every field exists in every config, so any of them can be overridden from the command line
+(`--config.batch_size=64`, `--config.model.name=ViT-S/16`, `--config.model.num_layers=2`).
+"""
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: any tfds dataset present in `data_dir` (None: tfds' default, $TFDS_DATA_DIR or
+  # ~/tensorflow_datasets), or one of the embedded ones (`embedded_fashion_mnist`, `embedded_digits`).
+  config.dataset = 'imagenet2012'
+  config.data_dir = config_dict.placeholder(str)
+  config.train_split = 'train'
+  config.eval_split = 'validation'
+  config.image_size = 224
+  config.cache_data = False  # Keep decoded images in memory (small datasets only).
+  config.shuffle_buffer = 50_000
+  config.pp = ml_collections.ConfigDict(dict(
+      inception_crop=True,  # The paper's training augmentation on ImageNet.
+      crop_min_area=0.05,
+      flip=True,
+  ))
+
+  # Model: a registry name ("ViT-B/16", "R50+ViT-B/16", "ViT-mu/4", ...) and optional overrides.
+  config.model = ml_collections.ConfigDict(dict(
+      name='ViT-B/16',
+      classifier='token',  # 'token' ([CLS]) or 'gap'.
+      posemb='learn_1d',  # 'learn_1d', 'learn_2d', 'sincos_2d' or 'none'.
+      representation_size=config_dict.placeholder(int),  # The pre-logits layer; None: no such layer.
+      dropout_rate=0.0,
+      attention_dropout_rate=0.0,
+      patch_size=config_dict.placeholder(int),
+      hidden_size=config_dict.placeholder(int),
+      mlp_dim=config_dict.placeholder(int),
+      num_heads=config_dict.placeholder(int),
+      num_layers=config_dict.placeholder(int),
+  ))
+
+  # Optimisation. `total_steps` wins over `num_epochs` when both are set.
+  config.batch_size = 4096
+  config.num_epochs = config_dict.placeholder(float)
+  config.total_steps = config_dict.placeholder(int)
+  config.optimizer = 'adam'  # 'adam' (pretraining) or 'sgd' (fine-tuning, with momentum).
+  config.lr = 1e-3
+  config.b1 = 0.9
+  config.b2 = 0.999
+  config.momentum = 0.9
+  config.weight_decay = 0.1  # Decoupled (AdamW), on kernels only; scaled by the learning rate schedule.
+  config.grad_clip_norm = 1.0  # Global norm; 0 or None turns clipping off.
+  config.schedule = 'linear'  # 'linear' or 'cosine' decay after warmup.
+  config.warmup_steps = 10_000
+  config.label_smoothing = 0.0
+
+  # Book-keeping.
+  config.log_every_steps = 100
+  config.eval_every_steps = 5_000
+  config.checkpoint_every_steps = 1_000
+  config.keep_checkpoints = 3
+  config.eval_batch_size = config_dict.placeholder(int)  # None: same as batch_size.
+  return config
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """The `get_config()` of a config file, as `--config path` would load it (for scripts and tests)."""
+  spec = importlib.util.spec_from_file_location(f'vit_jax_config_{abs(hash(path))}', path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f'Config file {path!r} not found.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,132 @@
+"""Embedded datasets: real labelled images installed from a package registry, built into tfds datasets.
+
+Nothing is downloaded at run time. On first use each builder reads the locally installed files and writes
+a regular tfds dataset into `data_dir`; later loads read that, through the same tfds/tf.data path as
+ImageNet would take.
+
+- `embedded_fashion_mnist`: the original Fashion-MNIST files (60,000 + 10,000 28x28 grey images, 10
+  classes) from Debian's `dataset-fashion-mnist` package (`apt-get install dataset-fashion-mnist`).
+- `embedded_digits`: scikit-learn's `load_digits` (1,797 8x8 grey images, 10 classes; pip only), split
+  80/20 stratified by class.
+"""
+import gzip
+import os
+from typing import Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
+FASHION_MNIST_ENV = 'VIT_JAX_FASHION_MNIST_DIR'
+FASHION_MNIST_CLASSES = ('t-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt',
+                         'sneaker', 'bag', 'ankle boot')
+_FASHION_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+                  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
+
+
+class MissingDataError(FileNotFoundError):
+  """The files a dataset is built from are not on this machine; the message says how to get them."""
+
+
+def find_fashion_mnist_dir() -> str:
+  candidates = [os.environ[FASHION_MNIST_ENV]] if os.environ.get(FASHION_MNIST_ENV) else []
+  candidates += FASHION_MNIST_DIRS
+  for directory in candidates:
+    if all(os.path.exists(os.path.join(directory, f)) for pair in _FASHION_FILES.values() for f in pair):
+      return directory
+  raise MissingDataError(
+      f'Fashion-MNIST files ({", ".join(_FASHION_FILES["train"] + _FASHION_FILES["test"])}) not found in '
+      f'{", ".join(candidates)}. Install them with `sudo apt-get install dataset-fashion-mnist` (Debian/'
+      f'Ubuntu), or point ${FASHION_MNIST_ENV} at a folder holding the original files, or use the pip-only '
+      f'config `configs/digits.py`.')
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads a gzipped idx file (the MNIST format): magic, dimension sizes as big-endian int32, then uint8."""
+  with gzip.open(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 4 or data[:2] != b'\0\0' or data[2] != 0x08:
+    raise ValueError(f'{path} is not an idx file of unsigned bytes.')
+  ndim = data[3]
+  shape = tuple(int(n) for n in np.frombuffer(data, '>i4', count=ndim, offset=4))
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f'{path} is truncated: header says {shape}, found {array.size} values.')
+  return array.reshape(shape)
+
+
+def read_fashion_mnist(split: str) -> Tuple[np.ndarray, np.ndarray]:
+  directory = find_fashion_mnist_dir()
+  images_file, labels_file = _FASHION_FILES[split]
+  images = read_idx(os.path.join(directory, images_file))[..., None]
+  labels = read_idx(os.path.join(directory, labels_file)).astype(np.int64)
+  return images, labels
+
+
+def read_digits(split: str) -> Tuple[np.ndarray, np.ndarray]:
+  try:
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise MissingDataError('The digits dataset comes with scikit-learn: `pip install scikit-learn`.') from e
+  digits = load_digits()
+  # 0..16 grey levels -> 0..255 so the images look like any other uint8 image to the pipeline.
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int64)
+  # Stratified 80/20: every fifth example of each class (in file order) goes to the test split.
+  rank_in_class = np.zeros(len(labels), np.int64)
+  for c in np.unique(labels):
+    rank_in_class[labels == c] = np.arange(np.sum(labels == c))
+  is_test = rank_in_class % 5 == 4
+  keep = is_test if split == 'test' else ~is_test
+  return images[keep], labels[keep]
+
+
+class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared body: a supervised image dataset with train and test splits read from local arrays."""
+  VERSION = tfds.core.Version('1.0.0')
+  IMAGE_SHAPE: Tuple[int, int, int]
+  CLASS_NAMES: Tuple[str, ...]
+  DESCRIPTION: str
+
+  def read(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    raise NotImplementedError
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=self.IMAGE_SHAPE),
+            'label': tfds.features.ClassLabel(names=self.CLASS_NAMES)}),
+        supervised_keys=('image', 'label'))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the files are local.
+    return {split: self._generate_examples(split) for split in ('train', 'test')}
+
+  def _generate_examples(self, split):
+    images, labels = self.read(split)
+    for i, (image, label) in enumerate(zip(images, labels)):
+      yield i, {'image': image, 'label': int(label)}
+
+
+class EmbeddedFashionMnist(_EmbeddedBuilder):
+  """Fashion-MNIST from the locally installed original files."""
+  IMAGE_SHAPE = (28, 28, 1)
+  CLASS_NAMES = FASHION_MNIST_CLASSES
+  DESCRIPTION = 'Fashion-MNIST (Xiao et al., 2017), built from the files of the dataset-fashion-mnist package.'
+
+  def read(self, split):
+    return read_fashion_mnist(split)
+
+
+class EmbeddedDigits(_EmbeddedBuilder):
+  """scikit-learn's 8x8 handwritten digits."""
+  IMAGE_SHAPE = (8, 8, 1)
+  CLASS_NAMES = tuple(str(i) for i in range(10))
+  DESCRIPTION = "scikit-learn's load_digits (UCI optical digits), 80/20 stratified split."
+
+  def read(self, split):
+    return read_digits(split)
+
+
+BUILDERS = {'embedded_fashion_mnist': EmbeddedFashionMnist, 'embedded_digits': EmbeddedDigits}

@@ -1,0 +1,150 @@
+"""tf.data input pipeline over any tfds dataset: per-process shards, augmentation, batches for the devices.
+
+Training order is a pure function of (seed, step): the shuffle is seeded, augmentations use stateless ops
+keyed by the example's position in the stream, and a resumed run skips the examples already consumed before
+any decoding. So a run restarted from a checkpoint sees exactly the batches an uninterrupted one would.
+"""
+import dataclasses
+import math
+from typing import Iterator, Optional
+
+import jax
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax.datasets import embedded
+
+
+class DatasetNotFound(FileNotFoundError):
+  """A dataset is not prepared where we looked; the message says where and how to prepare it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  channels: int
+
+
+def get_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  """The tfds builder of `name`, prepared; embedded datasets are built from local files on first use."""
+  if name in embedded.BUILDERS:
+    builder = embedded.BUILDERS[name](data_dir=data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+    return builder
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetNotFound(
+        f'Unknown dataset {name!r}: neither one of ours ({", ".join(embedded.BUILDERS)}) nor a tfds catalog '
+        f'name (see https://www.tensorflow.org/datasets/catalog).') from e
+  if not builder.is_prepared():
+    raise DatasetNotFound(
+        f'Dataset {name!r} is not prepared in {builder.data_dir}. This job never downloads: prepare it first, '
+        f'e.g. `tfds build {name} --data_dir={data_dir or "~/tensorflow_datasets"}` (ImageNet needs its '
+        f'archives placed in <data_dir>/downloads/manual first), then pass --config.data_dir=<data_dir>.')
+  return builder
+
+
+def get_info(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> DatasetInfo:
+  splits = builder.info.splits
+  for split in (config.train_split, config.eval_split):
+    if split.split('[')[0] not in splits:
+      raise ValueError(f'Dataset {builder.name!r} has no split {split!r}; it has {", ".join(splits)}.')
+  channels = builder.info.features['image'].shape[-1] or 3
+  return DatasetInfo(num_classes=builder.info.features['label'].num_classes,
+                     num_train_examples=splits[config.train_split].num_examples,
+                     num_eval_examples=splits[config.eval_split].num_examples, channels=channels)
+
+
+def _decoder(builder):
+  """Decodes the image bytes that `SkipDecoding` left encoded (decoding after `skip` keeps resumes cheap)."""
+  image_feature = builder.info.features['image']
+  return lambda example: {'image': image_feature.decode_example(example['image']),
+                          'label': tf.cast(example['label'], tf.int32)}
+
+
+def _to_model_range(image):
+  return tf.cast(image, tf.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1], as the published models expect.
+
+
+def preprocess_train(example, seed, pp: ml_collections.ConfigDict, image_size: int):
+  """Inception crop (random area and aspect ratio, resized back) and random horizontal flip."""
+  image = example['image']
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if pp.inception_crop:
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(pp.crop_min_area, 1.0),
+        use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, size)
+  image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
+  if pp.flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  return {'image': _to_model_range(image), 'label': example['label']}
+
+
+def preprocess_eval(example, image_size: int):
+  image = tf.image.resize(example['image'], (image_size, image_size), method='bilinear', antialias=True)
+  return {'image': _to_model_range(image), 'label': example['label']}
+
+
+def _read_split(builder, split: str, shuffle_seed: Optional[int]):
+  """This process's shard of `split`, images still encoded."""
+  process_split = tfds.split_for_jax_process(split)
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16)
+  return builder.as_dataset(split=process_split, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def train_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: int,
+                  start_step: int = 0) -> Iterator[dict]:
+  """Endless numpy batches of this process's training shard, starting at global step `start_step`."""
+  seed = config.seed + 1_000_003 * jax.process_index()
+  ds = _read_split(builder, config.train_split, shuffle_seed=seed)
+  decode = _decoder(builder)
+  if config.cache_data:
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+  ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  # Position in the stream: keys the augmentation randomness, and lets a resumed run skip what it consumed.
+  ds = ds.enumerate().skip(start_step * local_batch_size)
+
+  def prepare(index, example):
+    if not config.cache_data:
+      example = decode(example)
+    return preprocess_train(example, tf.stack([tf.constant(seed, tf.int64), index]), config.pp,
+                            config.image_size)
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return iter(tfds.as_numpy(ds))
+
+
+def eval_batches_per_process(num_examples: int, local_batch_size: int) -> int:
+  """Every process runs the same number of eval steps (a collective step needs all of them)."""
+  return math.ceil(math.ceil(num_examples / jax.process_count()) / local_batch_size)
+
+
+def eval_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: int,
+                 num_examples: int) -> tf.data.Dataset:
+  """This process's eval shard padded to whole batches; 'mask' is 0 on padding, so metrics stay exact."""
+  ds = _read_split(builder, config.eval_split, shuffle_seed=None)
+  decode = _decoder(builder)
+  ds = ds.map(lambda ex: {**preprocess_eval(decode(ex), config.image_size), 'mask': tf.constant(1.0)},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  if config.cache_data:
+    ds = ds.cache()
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros((config.image_size, config.image_size, ds.element_spec['image'].shape[-1])),
+      'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0)}).repeat()
+  num_batches = eval_batches_per_process(num_examples, local_batch_size)
+  ds = ds.concatenate(padding).take(num_batches * local_batch_size)
+  return ds.batch(local_batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def process_batch_size(global_batch_size: int) -> int:
+  """This process's share of the global batch (`train.check_batch_size` checks it splits over devices)."""
+  return global_batch_size // jax.process_count()

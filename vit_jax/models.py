@@ -1,0 +1,256 @@
+"""Vision Transformer (Dosovitskiy et al., 2020) and its ResNet hybrid, in Flax linen.
+
+Parameter names and nesting follow the published ViT `.npz` checkpoints, so released weights load and ours
+export (`embedding`, `cls`, `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
+`Transformer/encoder_norm`, `pre_logits`, `head`; hybrids add `conv_root`, `gn_root`, `block{n}/unit{m}`).
+The submodules of a block are named explicitly (`LayerNorm_0`, `MultiHeadDotProductAttention_1`,
+`LayerNorm_2`, `MlpBlock_3`) because current flax would number them per type, not across types.
+"""
+import dataclasses
+import re
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import resnet
+
+# Sizes of the paper (Table 1) and of later work by the same group (Ti, S), plus a micro size for CPUs:
+# (hidden_size, mlp_dim, num_heads, num_layers).
+SIZES = {
+    'mu': (128, 256, 4, 6),
+    'Ti': (192, 768, 3, 12),
+    'S': (384, 1536, 6, 12),
+    'B': (768, 3072, 12, 12),
+    'L': (1024, 4096, 16, 24),
+    'H': (1280, 5120, 16, 32),
+}
+# The variants used in the paper; any size above works with any patch size ("ViT-mu/4").
+PAPER_VARIANTS = ('ViT-Ti/16', 'ViT-S/16', 'ViT-S/32', 'ViT-B/16', 'ViT-B/32', 'ViT-B/8', 'ViT-L/16',
+                  'ViT-L/32', 'ViT-H/14', 'R50+ViT-B/16')
+# Hybrid stems: ResNet-50 with stage 4 removed and stage 3 lengthened (paper Appendix B.1).
+RESNET_STEMS = {'R50': (3, 4, 9)}
+POSEMB_KINDS = ('learn_1d', 'learn_2d', 'sincos_2d', 'none')
+CLASSIFIERS = ('token', 'gap')
+
+_VARIANT_RE = re.compile(r'^(?:(?P<stem>R\d+)\+)?(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<patch>\d+)$')
+
+
+def parse_variant(name: str) -> dict:
+  """'ViT-B/16', 'B/16', 'ViT-B_16' (published file names) or 'R50+ViT-B/16' -> model keyword arguments."""
+  match = _VARIANT_RE.match(name.strip())
+  if not match or match['size'] not in SIZES or (match['stem'] and match['stem'] not in RESNET_STEMS):
+    raise ValueError(
+        f'Unknown model variant {name!r}. Known variants: {", ".join(PAPER_VARIANTS)}; in general '
+        f'"[R50+]ViT-<size>/<patch>" with size one of {", ".join(SIZES)}.')
+  hidden_size, mlp_dim, num_heads, num_layers = SIZES[match['size']]
+  kwargs = dict(hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
+                patch_size=int(match['patch']))
+  if match['stem']:
+    kwargs['resnet_layers'] = RESNET_STEMS[match['stem']]
+    # The name gives the patch size in pixels; the stem's output stride is 16, so "/16" is patch 1 and
+    # "/32" patch 2 over the feature map.
+    if kwargs['patch_size'] % 16:
+      raise ValueError(f'Hybrid variant {name!r}: the patch size must be a multiple of the stem stride 16.')
+    kwargs['patch_size'] //= 16
+  return kwargs
+
+
+def get_model(name: str, num_classes: int, **overrides) -> 'VisionTransformer':
+  """Builds a variant by name; `overrides` replace any field (e.g. `classifier='gap'`, `num_layers=2`)."""
+  kwargs = parse_variant(name)
+  kwargs.update({k: v for k, v in overrides.items() if v is not None})
+  field_names = {f.name for f in dataclasses.fields(VisionTransformer)}
+  unknown = set(kwargs) - field_names
+  if unknown:
+    raise ValueError(f'Unknown model options {sorted(unknown)}; VisionTransformer takes '
+                     f'{sorted(field_names - {"parent", "name"})}.')
+  return VisionTransformer(num_classes=num_classes, **kwargs)
+
+
+def sincos_2d(grid: Tuple[int, int], dim: int, temperature: float = 10_000.) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding, (h*w, dim): a quarter of the channels per sin/cos x/y."""
+  if dim % 4:
+    raise ValueError(f'sincos_2d position embeddings need hidden_size divisible by 4, got {dim}.')
+  y, x = np.mgrid[:grid[0], :grid[1]]
+  omega = 1. / temperature**(np.arange(dim // 4) / (dim // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds position embeddings to the tokens; prefix tokens ([CLS]) only get one with `learn_1d`."""
+  kind: str
+  grid: Tuple[int, int]
+  num_prefix_tokens: int
+
+  @nn.compact
+  def __call__(self, x):
+    num_tokens, dim = x.shape[1:]
+    init = nn.initializers.normal(stddev=0.02)
+    if self.kind == 'learn_1d':
+      # The published layout: one vector per token, [CLS] included, shape (1, N + 1, D).
+      return x + self.param('pos_embedding', init, (1, num_tokens, dim)).astype(x.dtype)
+    if self.kind == 'none':
+      return x
+    if self.kind == 'learn_2d':
+      # Paper Appendix D.4: X- and Y-embeddings of D/2 each, concatenated.
+      row = self.param('pos_embedding_row', init, (self.grid[0], dim // 2))
+      col = self.param('pos_embedding_col', init, (self.grid[1], dim - dim // 2))
+      posemb = jnp.concatenate([
+          jnp.broadcast_to(row[:, None], (*self.grid, row.shape[-1])),
+          jnp.broadcast_to(col[None, :], (*self.grid, col.shape[-1]))], axis=-1).reshape(-1, dim)
+    elif self.kind == 'sincos_2d':
+      posemb = jnp.asarray(sincos_2d(self.grid, dim))
+    else:
+      raise ValueError(f'Unknown posemb {self.kind!r}; choose one of {POSEMB_KINDS}.')
+    posemb = jnp.pad(posemb, ((self.num_prefix_tokens, 0), (0, 0)))
+    return x + posemb[None].astype(x.dtype)
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Self-attention with the published parameter layout: query/key/value (D, heads, D/heads), out (heads, D/heads, D).
+
+  The attention weights are sown into the 'intermediates' collection for the analysis tools.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    dim = x.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f'hidden_size {dim} is not divisible by num_heads {self.num_heads}.')
+    dense = lambda name: nn.DenseGeneral((self.num_heads, dim // self.num_heads), dtype=self.dtype, name=name)
+    query, key, value = dense('query')(x), dense('key')(x), dense('value')(x)
+    query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    self.sow('intermediates', 'attention_weights', weights)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, name='out')(out)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=False)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(x.shape[-1], 'Dense_1')(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)) (paper Eq. 2-3)."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
+    y = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
+                               name='MultiHeadDotProductAttention_1')(y, deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
+    return x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """Position embeddings, dropout, `num_layers` blocks and the final LayerNorm."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  posemb: str
+  grid: Tuple[int, int]
+  num_prefix_tokens: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    x = AddPositionEmbs(self.posemb, self.grid, self.num_prefix_tokens, name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    for i in range(self.num_layers):
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
+                         self.dtype, name=f'encoderblock_{i}')(x, deterministic)
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier. Input: images (batch, height, width, channels) in [-1, 1]; output: logits."""
+  num_classes: int
+  patch_size: int
+  hidden_size: int
+  mlp_dim: int
+  num_heads: int
+  num_layers: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  classifier: str = 'token'
+  posemb: str = 'learn_1d'
+  representation_size: Optional[int] = None
+  resnet_layers: Optional[Sequence[int]] = None
+  resnet_width: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'Unknown classifier {self.classifier!r}; choose one of {CLASSIFIERS}.')
+    if self.posemb not in POSEMB_KINDS:
+      raise ValueError(f'Unknown posemb {self.posemb!r}; choose one of {POSEMB_KINDS}.')
+    if images.ndim != 4:
+      raise ValueError(f'Expected images of shape (batch, height, width, channels), got {images.shape}.')
+    x = images
+    if self.resnet_layers is not None:
+      x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width)
+    height, width = x.shape[1:3]
+    if height % self.patch_size or width % self.patch_size:
+      what = 'ResNet feature map' if self.resnet_layers is not None else 'image size'
+      raise ValueError(
+          f'The {what} {height}x{width} is not divisible by the patch size {self.patch_size}: use an image '
+          f'size that is a multiple of {self.patch_size} (e.g. {self.patch_size * (224 // self.patch_size)}) '
+          f'or a patch size that divides it.')
+
+    x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
+                dtype=self.dtype, name='embedding')(x)
+    batch, grid_h, grid_w, dim = x.shape
+    x = x.reshape(batch, grid_h * grid_w, dim)
+    num_prefix_tokens = 0
+    if self.classifier == 'token':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, dim))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, dim)).astype(x.dtype), x], axis=1)
+      num_prefix_tokens = 1
+
+    x = Encoder(self.num_layers, self.mlp_dim, self.num_heads, self.posemb, (grid_h, grid_w),
+                num_prefix_tokens, self.dropout_rate, self.attention_dropout_rate, self.dtype,
+                name='Transformer')(x, deterministic=not train)
+    x = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
+
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits')(x))
+    # Zero-initialised head: every class starts equally likely (paper Sec. 3.1, fine-tuning).
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='head')(x)
+    return logits.astype(jnp.float32)
+
+
+def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:
+  """Parameter count from abstract shapes only (`jax.eval_shape`): no weights are materialised."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))

@@ -1,0 +1,303 @@
+"""Training pieces: optimizer and schedule, train state, and `train_step` / `eval_step` as plain functions.
+
+The steps are jitted over a device `Mesh` with a `data` axis: the batch is split along it, parameters and
+optimizer state are replicated. The same code runs on one CPU device, on simulated devices and on a pod.
+"""
+import os
+import time
+from typing import Any, Callable, Dict, Tuple
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vit_jax import input_pipeline
+from vit_jax import models
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
+  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  return models.get_model(config.model.name, num_classes, **overrides)
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  if config.total_steps:
+    return int(config.total_steps)
+  if not config.num_epochs:
+    raise ValueError('Set --config.total_steps or --config.num_epochs.')
+  return max(1, int(config.num_epochs * num_train_examples / config.batch_size))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then linear or cosine decay to 0 at `num_steps` (paper Appendix B.1)."""
+  warmup = min(config.warmup_steps, num_steps - 1)
+  decay_steps = max(1, num_steps - warmup)
+  if config.schedule == 'linear':
+    decay = optax.linear_schedule(config.lr, 0.0, decay_steps)
+  elif config.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(config.lr, decay_steps)
+  else:
+    raise ValueError(f'Unknown schedule {config.schedule!r}; choose "linear" or "cosine".')
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices (kernels, embeddings) only, not on biases and norm scales."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """Adam with decoupled weight decay for pretraining, SGD with momentum for fine-tuning (paper Sec. 4.1)."""
+  schedule = learning_rate_schedule(config, num_steps)
+  if config.optimizer == 'adam':
+    optimizer = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                            mask=_decay_mask)
+  elif config.optimizer == 'sgd':
+    optimizer = optax.sgd(schedule, momentum=config.momentum)
+    if config.weight_decay:
+      optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay, _decay_mask), optimizer)
+  else:
+    raise ValueError(f'Unknown optimizer {config.optimizer!r}; choose "adam" or "sgd".')
+  if config.grad_clip_norm:
+    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
+               image_shape: Tuple[int, ...]) -> TrainState:
+  params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Module,
+               optimizer: optax.GradientTransformation, label_smoothing: float,
+               dropout_key: jax.Array) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer update on a global batch; returns the new state and the batch's metrics."""
+  # Dropout noise is a function of (seed, step) only, so a resumed run draws what an uninterrupted one would.
+  step_key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': step_key})
+    return jnp.mean(cross_entropy(logits, batch['label'], label_smoothing)), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+             'grad_norm': optax.tree.norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> Dict[str, jax.Array]:
+  """Sums over the batch (padding masked out), so that metrics add up exactly across batches."""
+  logits = model.apply({'params': params}, batch['image'], train=False)
+  mask = batch['mask']
+  return {'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+          'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
+          'count': jnp.sum(mask)}
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process; the batch is split along its `data` axis."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  num_devices = mesh.devices.size
+  if batch_size % num_devices:
+    raise ValueError(
+        f'The batch size {batch_size} is not divisible by the number of devices {num_devices}: set '
+        f'--config.batch_size to a multiple of {num_devices} (e.g. '
+        f'{max(1, batch_size // num_devices) * num_devices}).')
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def to_global_batch(local_batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+  """Each process's slice of the batch -> one global `jax.Array` per field, split over the data axis."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def jit_train_step(model, optimizer, config, mesh: Mesh) -> Callable:
+  """`train_step` jitted with explicit shardings: state replicated, batch split, input state donated."""
+  state_sharding = replicated(mesh)
+  step = lambda state, batch: train_step(state, batch, model=model, optimizer=optimizer,
+                                         label_smoothing=config.label_smoothing,
+                                         dropout_key=jax.random.PRNGKey(config.seed + 1))
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
+                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(model, mesh: Mesh) -> Callable:
+  return jax.jit(lambda params, batch: eval_step(params, batch, model=model),
+                 in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
+
+
+def abstract_train_inputs(model, optimizer, image_shape, batch_size: int, mesh: Mesh):
+  """Shapes and shardings of the train step's arguments, without materialising a single weight."""
+  state = jax.eval_shape(lambda rng: init_state(model, optimizer, rng, image_shape), jax.random.PRNGKey(0))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), state)
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32,
+                                         sharding=batch_sharding(mesh)),
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding(mesh))}
+  return state, batch
+
+
+class ProgressLogger:
+  """Logs step, loss, steps/s, images/s and ETA, and writes TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, workdir: str, num_steps: int, batch_size: int, start_step: int):
+    self.enabled = jax.process_index() == 0
+    self.num_steps, self.batch_size = num_steps, batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.writer = tf.summary.create_file_writer(workdir) if self.enabled else None
+
+  def scalars(self, step: int, scalars: Dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with self.writer.as_default():
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value, step=step)
+    self.writer.flush()
+
+  def train_metrics(self, step: int, metrics: Dict[str, float]) -> None:
+    now = time.perf_counter()
+    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    images_per_sec = steps_per_sec * self.batch_size
+    eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
+    self.scalars(step, {**{f'train/{k}': v for k, v in metrics.items()},
+                        'train/steps_per_sec': steps_per_sec, 'train/images_per_sec': images_per_sec})
+    if self.enabled:
+      logging.info('step %d/%d  loss %.4f  accuracy %.4f  %.2f steps/s  %.0f images/s  ETA %s', step,
+                   self.num_steps, metrics['loss'], metrics['accuracy'], steps_per_sec, images_per_sec,
+                   _format_seconds(eta))
+
+  def restart_clock(self, step: int) -> None:
+    """Excludes time spent outside training (eval, checkpoints, compilation) from the speed."""
+    self.last_step, self.last_time = step, time.perf_counter()
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}'
+
+
+def evaluate(eval_fn: Callable, params: Any, dataset, mesh: Mesh) -> Dict[str, float]:
+  totals = None
+  for batch in dataset.as_numpy_iterator():
+    sums = eval_fn(params, to_global_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.tree.map(lambda x: float(jax.device_get(x)), totals)
+  count = totals['count']
+  return {'accuracy': totals['correct'] / count, 'loss': totals['loss'] / count,
+          'correct': int(totals['correct']), 'count': int(count)}
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """Orbax writes each checkpoint to a temporary folder and renames it when complete: a crash mid-save
+  leaves the previous checkpoint as the latest readable one."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Trains from scratch (or resumes from the latest checkpoint in `workdir`), then evaluates."""
+  mesh = make_mesh()
+  check_batch_size(config.batch_size, mesh)
+  eval_batch_size = config.eval_batch_size or config.batch_size
+  check_batch_size(eval_batch_size, mesh)
+
+  builder = input_pipeline.get_builder(config.dataset, config.data_dir)
+  info = input_pipeline.get_info(builder, config)
+  num_steps = total_steps(config, info.num_train_examples)
+  model = build_model(config, info.num_classes)
+  optimizer = create_optimizer(config, num_steps)
+  image_shape = (config.image_size, config.image_size, info.channels)
+  # Traces the model: a bad model/image-size combination fails here, with a clear message, before any work.
+  abstract_state, _ = abstract_train_inputs(model, optimizer, image_shape, config.batch_size, mesh)
+  manager = checkpoint_manager(workdir, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract_state))
+    logging.info('Resumed from the checkpoint of step %d in %s.', latest, manager.directory)
+  else:
+    init = jax.jit(lambda rng: init_state(model, optimizer, rng, image_shape), out_shardings=replicated(mesh))
+    state = init(jax.random.PRNGKey(config.seed))
+  start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info('Model %s: %s parameters; %d steps of batch %d on %d devices (%d processes).',
+                 config.model.name, f'{num_params:,}', num_steps, config.batch_size, mesh.devices.size,
+                 jax.process_count())
+
+  train_fn = jit_train_step(model, optimizer, config, mesh)
+  eval_fn = jit_eval_step(model, mesh)
+  local_eval_batch = input_pipeline.process_batch_size(eval_batch_size)
+  eval_ds = input_pipeline.eval_dataset(builder, config, local_eval_batch, info.num_eval_examples)
+  train_iter = input_pipeline.train_dataset(builder, config, input_pipeline.process_batch_size(
+      config.batch_size), start_step=start_step)
+
+  logger = ProgressLogger(workdir, num_steps, config.batch_size, start_step)
+  train_metrics = []
+  step = start_step
+  with mesh:
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = train_fn(state, to_global_batch(next(train_iter), mesh))
+      train_metrics.append(metrics)
+      if step == start_step + 1:
+        logger.restart_clock(step)  # The first step includes compilation.
+      if step % config.log_every_steps == 0 or step == num_steps:
+        summary = jax.tree.map(lambda *x: float(np.mean(jax.device_get(x))), *train_metrics)
+        train_metrics = []
+        logger.train_metrics(step, summary)
+        if not np.isfinite(summary['loss']):
+          raise FloatingPointError(f'The training loss is {summary["loss"]} at step {step}: lower the '
+                                   f'learning rate (--config.lr) or enable gradient clipping.')
+      if step % config.checkpoint_every_steps == 0 or step == num_steps:
+        manager.save(step, args=ocp.args.StandardSave(state))
+      if step % config.eval_every_steps == 0 and step != num_steps:
+        result = evaluate(eval_fn, state.params, eval_ds, mesh)
+        logger.scalars(step, {'eval/accuracy': result['accuracy'], 'eval/loss': result['loss']})
+        logging.info('step %d: eval accuracy %.4f, loss %.4f', step, result['accuracy'], result['loss'])
+        logger.restart_clock(step)
+    result = evaluate(eval_fn, state.params, eval_ds, mesh)
+  manager.wait_until_finished()
+  manager.close()
+  logger.scalars(num_steps, {'eval/accuracy': result['accuracy'], 'eval/loss': result['loss']})
+  logging.info('Final eval at step %d: accuracy %.4f, loss %.4f', num_steps, result['accuracy'],
+               result['loss'])
+  return {**result, 'step': int(jax.device_get(state.step))}
