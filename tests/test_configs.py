@@ -36,16 +36,21 @@ def test_paper_pretraining_settings(name):
   assert (config.schedule, config.image_size, config.grad_clip_norm) == ('linear', 224, 1.0)
 
 
-def test_command_line_overrides():
+def _parse(argv):
+  """Parses argv as `python -m vit_jax.main` does (overrides are read from the argv given here)."""
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, lock_config=True)
-  flag_values(['main', f'--config={os.path.join(CONFIG_DIR, "vit_l16.py")}', '--config.batch_size=512',
-               '--config.model.name=ViT-S/16', '--config.model.num_layers=3', '--config.lr=0.01'])
-  config = flag_values.config
-  assert (config.batch_size, config.model.name, config.model.num_layers, config.lr) == (512, 'ViT-S/16', 3, 0.01)
-  with pytest.raises(flags.IllegalFlagValueError):  # A typo is an error, not a silently new field.
-    flag_values(['main', f'--config={os.path.join(CONFIG_DIR, "vit_l16.py")}', '--config.batch_sise=512'])
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
 
+
+def test_command_line_overrides():
+  config = _parse(['main', f'--config={os.path.join(CONFIG_DIR, "vit_l16.py")}', '--config.batch_size=512',
+                   '--config.model.name=ViT-S/16', '--config.model.num_layers=3', '--config.lr=0.01'])
+  assert (config.batch_size, config.model.name, config.model.num_layers, config.lr) == (512, 'ViT-S/16', 3, 0.01)
+  with pytest.raises(AttributeError, match="Did you mean \"batch_size\""):  # A typo is an error.
+    _parse(['main', f'--config={os.path.join(CONFIG_DIR, "vit_l16.py")}', '--config.batch_sise=512'])
 
 @pytest.mark.parametrize('name', CONFIG_FILES)
 def test_train_step_compiles_ahead_of_time_from_abstract_shapes(name):
