@@ -15,18 +15,21 @@ def get_config():
   config.pp.inception_crop = False  # Centred 28x28 items: random crops cost more accuracy than they give.
   config.pp.flip = True
 
-  config.model.name = 'ViT-mu/4'  # 7x7 = 49 patches of 4x4.
+  # 4x4 = 16 patches of 7x7. Measured on 2 CPU cores (README): patches of 4x4 (49 tokens) learn more per
+  # image but run 3x slower, and batch 64 runs 1.6x faster per image than 128 (it stays in cache), so in a
+  # 10-minute budget this setting saw the most data and scored best.
+  config.model.name = 'ViT-mu/7'
   config.model.classifier = 'gap'
 
-  config.batch_size = 128
-  config.num_epochs = 8.0
-  config.lr = 2e-3
+  config.batch_size = 64
+  config.num_epochs = 6.0
+  config.lr = 1e-3
   config.weight_decay = 0.05
   config.schedule = 'cosine'
-  config.warmup_steps = 200
-  config.label_smoothing = 0.1
+  config.warmup_steps = 500
+  config.label_smoothing = 0.0
 
-  config.log_every_steps = 200
+  config.log_every_steps = 500
   config.eval_every_steps = 2_000
   config.checkpoint_every_steps = 1_000
   config.eval_batch_size = 1000

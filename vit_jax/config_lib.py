@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_dim=config_dict.placeholder(int),
       num_heads=config_dict.placeholder(int),
       num_layers=config_dict.placeholder(int),
+      resnet_layers=config_dict.placeholder(tuple),  # Hybrid stem: units per ResNet stage.
+      resnet_width=config_dict.placeholder(int),
   ))
 
   # Optimisation. `total_steps` wins over `num_epochs` when both are set.
