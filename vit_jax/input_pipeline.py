@@ -81,14 +81,20 @@ def preprocess_train(example, seed, pp: ml_collections.ConfigDict, image_size: i
         min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(pp.crop_min_area, 1.0),
         use_image_if_no_bounding_boxes=True)
     image = tf.slice(image, begin, size)
-  image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
+  image = _resize(image, image_size)
   if pp.flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return {'image': _to_model_range(image), 'label': example['label']}
 
 
+def _resize(image, image_size: int):
+  if image.shape[0] == image.shape[1] == image_size:
+    return image  # Already the size (e.g. uncropped 28x28 Fashion-MNIST): resizing would cost, not change.
+  return tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
+
+
 def preprocess_eval(example, image_size: int):
-  image = tf.image.resize(example['image'], (image_size, image_size), method='bilinear', antialias=True)
+  image = _resize(example['image'], image_size)
   return {'image': _to_model_range(image), 'label': example['label']}
 
 
