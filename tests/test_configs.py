@@ -57,18 +57,17 @@ def test_train_step_compiles_ahead_of_time_from_abstract_shapes(name):
   """The real step of each config (ViT-H/14 included), batch 2: lowered and compiled, no weights made."""
   config = load_config(name)
   num_classes, channels = DATASET_SHAPES[config.dataset]
-  model = train.build_model(config, num_classes)
-  optimizer = train.create_optimizer(config, num_steps=100_000)
-  mesh = train.make_mesh()
-  batch_size = 2 * mesh.devices.size
-  image_shape = (config.image_size, config.image_size, channels)
-  state, batch = train.abstract_train_inputs(model, optimizer, image_shape, batch_size, mesh)
+  mesh = train.make_mesh(config.mesh)
+  config.batch_size = 2 * mesh.devices.size
+  config.eval_batch_size = None
+  run = train.setup(config, mesh, num_classes, num_steps=100_000, channels=channels)
+  state, batch = run.abstract_state, run.abstract_batch
   start = time.perf_counter()
-  compiled = train.jit_train_step(model, optimizer, config, mesh).lower(state, batch).compile()
+  compiled = run.train_fn.lower(state, batch).compile()
   print(f'{name}: compiled in {time.perf_counter() - start:.1f}s')
   assert isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct)
   flops = compiled.cost_analysis()
   flops = (flops[0] if isinstance(flops, (list, tuple)) else flops)['flops']
   # Training costs about 3x the forward pass; a ViT forward pass costs at least 2 FLOPs per parameter per token.
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  assert flops > 3 * 2 * num_params * batch_size
+  assert flops > 3 * 2 * num_params * config.batch_size

@@ -82,7 +82,7 @@ def test_main_job_on_several_devices_and_an_indivisible_batch(tmp_path, data_dir
   bad = run_main(tmp_path / 'bad', *TINY, f'--config.data_dir={data_dir}', '--config.batch_size=33', env=env,
                  check=False)
   assert bad.returncode != 0
-  assert 'batch size 33 is not divisible by the number of devices 2' in bad.stderr
+  assert 'batch size 33 is not divisible by the number of devices it is split over (2: data=2 x fsdp=1)' in bad.stderr
 
 
 def test_main_job_errors_are_clear(tmp_path, data_dir):

@@ -151,3 +151,38 @@ def test_image_size_not_divisible_by_patch_size():
 def test_parse_variant_accepts_published_file_names():
   assert models.parse_variant('ViT-B_16') == models.parse_variant('ViT-B/16') == models.parse_variant('B/16')
   assert models.parse_variant('R50+ViT-B_16')['patch_size'] == 1
+
+
+@pytest.mark.parametrize('remat,scan', [(True, False), (False, True), (True, True)])
+def test_scan_and_remat_match_the_plain_model(remat, scan):
+  """Same outputs and gradients; scanned parameters convert to the published layout."""
+  kwargs = dict(num_classes=10, patch_size=4, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=3,
+                dropout_rate=0.1, classifier='token')
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  plain = models.VisionTransformer(**kwargs)
+  variant = models.VisionTransformer(**kwargs, remat=remat, scan=scan)
+  params = plain.init(jax.random.PRNGKey(0), images)['params']
+  variant_params = models.stack_layers(params) if scan else params
+  # The variant initialises to the same tree structure it is given here.
+  assert (jax.tree.structure(variant.init(jax.random.PRNGKey(0), images)['params'])
+          == jax.tree.structure(variant_params))
+  if scan:
+    assert 'encoderblock' in variant_params['Transformer']
+    assert variant_params['Transformer']['encoderblock']['MlpBlock_3']['Dense_0']['kernel'].shape == (3, 32, 64)
+    roundtrip = models.unstack_layers(variant_params)
+    assert jax.tree.structure(roundtrip) == jax.tree.structure(params)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), roundtrip, params)))
+
+  def loss(model, p, train):
+    logits = model.apply({'params': p}, images, train=train, rngs={'dropout': jax.random.PRNGKey(2)})
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 3])
+
+  # Dropout on only without scan: nn.scan splits the dropout key per layer in its own way.
+  train = not scan
+  np.testing.assert_allclose(loss(variant, variant_params, train), loss(plain, params, train), rtol=1e-5)
+  grads = jax.grad(lambda p: loss(plain, p, train))(params)
+  variant_grads = jax.grad(lambda p: loss(variant, p, train))(variant_params)
+  if scan:
+    variant_grads = models.unstack_layers(variant_grads)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(variant_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -56,14 +56,13 @@ def test_sgd_fine_tuning_optimizer_clips_the_global_norm():
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
   config = _small_config(lr=3e-3, warmup_steps=0, label_smoothing=0.0)
-  model = train.build_model(config, num_classes=10)
-  optimizer = train.create_optimizer(config, num_steps=100)
-  mesh = train.make_mesh()
-  state = train.init_state(model, optimizer, jax.random.PRNGKey(0), (8, 8, 1))
+  mesh = train.make_mesh(config.mesh)
+  run = train.setup(config, mesh, num_classes=10, num_steps=100, channels=1)
+  state = run.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = train.to_global_batch({'image': rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32),
                                  'label': rng.integers(0, 10, 64).astype(np.int32)}, mesh)
-  step = train.jit_train_step(model, optimizer, config, mesh)
+  step = run.train_fn
   losses = []
   for _ in range(10):
     state, metrics = step(state, batch)
@@ -72,7 +71,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
   assert losses[0] == pytest.approx(np.log(10), rel=1e-4)  # Zero-initialised head: uniform predictions.
   assert losses[-1] < losses[0] - 0.3
 
-  eval_fn = train.jit_eval_step(model, mesh)
+  eval_fn = run.eval_fn
   sums = eval_fn(state.params, {**batch, 'mask': jnp.ones((64,))})
   assert float(sums['count']) == 64 and 0 <= float(sums['correct']) <= 64
   masked = eval_fn(state.params, {**batch, 'mask': jnp.zeros((64,)).at[:10].set(1.0)})

@@ -44,7 +44,15 @@ def base_config() -> ml_collections.ConfigDict:
       num_layers=config_dict.placeholder(int),
       resnet_layers=config_dict.placeholder(tuple),  # Hybrid stem: units per ResNet stage.
       resnet_width=config_dict.placeholder(int),
+      remat=False,  # Recompute activations in the backward pass: less memory, ~1/3 more compute.
+      scan=False,  # One nn.scan over the layers: shorter compiles for deep models.
   ))
+  config.dtype = 'float32'  # 'bfloat16': activations and matmuls in bf16, weights and optimizer in fp32.
+
+  # Devices: a (data, fsdp) mesh over all devices of all processes; -1 takes what the other axis leaves.
+  # The batch is split over both axes; arrays of at least `min_shard_size` elements (the kernels) are split
+  # along the fsdp axis, the rest is replicated.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
   # Optimisation. `total_steps` wins over `num_epochs` when both are set.
   config.batch_size = 4096
@@ -60,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule = 'linear'  # 'linear' or 'cosine' decay after warmup.
   config.warmup_steps = 10_000
   config.label_smoothing = 0.0
+  config.accum_steps = 1  # Gradient accumulation: the batch is processed in this many micro-batches.
 
   # Book-keeping.
   config.log_every_steps = 100

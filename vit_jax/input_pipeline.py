@@ -33,7 +33,14 @@ def get_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   if name in embedded.BUILDERS:
     builder = embedded.BUILDERS[name](data_dir=data_dir)
     if not builder.is_prepared():
-      builder.download_and_prepare()
+      try:
+        builder.download_and_prepare()
+      except FileExistsError:
+        # Several processes sharing a data_dir build at once; tfds writes to a temporary folder and renames
+        # it, so the first rename wins and the others find the same dataset in place.
+        builder = embedded.BUILDERS[name](data_dir=data_dir)
+        if not builder.is_prepared():
+          raise
     return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)

@@ -2,6 +2,10 @@
 
   python -m vit_jax.main --config configs/default.py --workdir /tmp/vit_default
   python -m vit_jax.main --config configs/vit_l16.py --workdir gs://bucket/vit_l16 --config.data_dir=...
+
+Multi-host: run the same command on every host. On TPU VMs, SLURM and Open MPI the processes find each
+other by themselves; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+(see launch/).
 """
 import logging as py_logging
 import os
@@ -9,6 +13,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 import tensorflow as tf
@@ -19,6 +24,35 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard summaries.')
 flags.mark_flags_as_required(['config', 'workdir'])
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'yes', 'no'],
+    'Call jax.distributed.initialize: "auto" when a coordinator is given or a TPU pod slice / SLURM / Open MPI '
+    'job of several processes is detected.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (with a coordinator).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index (with a coordinator).')
+
+
+def _cluster_detected() -> bool:
+  """A job of several processes that jax.distributed.initialize() can configure by itself."""
+  sizes = [os.environ.get('SLURM_NTASKS'), os.environ.get('OMPI_COMM_WORLD_SIZE')]
+  if any(size and int(size) > 1 for size in sizes):
+    return True
+  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')  # Set on the workers of a multi-host TPU slice.
+
+
+def initialize_distributed() -> None:
+  """Joins this process to the others, before any JAX computation (device discovery included)."""
+  wanted = _DISTRIBUTED.value == 'yes' or (
+      _DISTRIBUTED.value == 'auto' and (_COORDINATOR.value is not None or _cluster_detected()))
+  if not wanted:
+    return
+  # Collectives between CPU devices of different processes (tests, CPU clusters); accelerators ignore it.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                             process_id=_PROCESS_ID.value)
+  logging.info('Process %d of %d; %d local devices of %d.', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
@@ -30,10 +64,13 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= py_logging.WARNING or not any(
           part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/')))
+  initialize_distributed()
   workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
   result = train.train_and_evaluate(_CONFIG.value, workdir)
   print(f'Final test accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} on '
         f'{_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} steps.', flush=True)
+  if result['train_loss'] is not None:
+    print(f'Process {jax.process_index()}: last train loss {result["train_loss"]:.6f}', flush=True)
 
 
 if __name__ == '__main__':

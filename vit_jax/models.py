@@ -153,12 +153,16 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)) (paper Eq. 2-3)."""
+  """Pre-LayerNorm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)) (paper Eq. 2-3).
+
+  `scanned`: returns (x, None), the (carry, output) pair that `nn.scan` over layers needs.
+  """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -167,11 +171,18 @@ class Encoder1DBlock(nn.Module):
                                name='MultiHeadDotProductAttention_1')(y, deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
-    return x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(y, deterministic)
+    x = x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(y, deterministic)
+    return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
-  """Position embeddings, dropout, `num_layers` blocks and the final LayerNorm."""
+  """Position embeddings, dropout, `num_layers` blocks and the final LayerNorm.
+
+  `remat`: recompute each block's activations in the backward pass instead of storing them (less memory,
+  about a third more compute). `scan`: one `nn.scan` over the blocks, so XLA compiles one block instead of
+  `num_layers`; its parameters are stacked under `encoderblock` (leading axis = layer), which
+  `unstack_layers` turns back into the published `encoderblock_{i}` layout and `stack_layers` undoes.
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -181,15 +192,53 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     x = AddPositionEmbs(self.posemb, self.grid, self.num_prefix_tokens, name='posembed_input')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    for i in range(self.num_layers):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-                         self.dtype, name=f'encoderblock_{i}')(x, deterministic)
+    block = Encoder1DBlock
+    if self.remat:
+      # Argument 2 (`deterministic`; 0 is the module) is a Python bool that selects code, not data.
+      block = nn.remat(block, static_argnums=(2,), prevent_cse=not self.scan)
+    block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype)
+    if self.scan:
+      scanned = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
+                        split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+                        length=self.num_layers)
+      x, _ = scanned(*block_args, scanned=True, name=SCANNED_BLOCK)(x, deterministic)
+    else:
+      for i in range(self.num_layers):
+        x = block(*block_args, name=f'encoderblock_{i}')(x, deterministic)
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+
+
+SCANNED_BLOCK = 'encoderblock'
+
+
+def unstack_layers(params):
+  """Parameters of a `scan=True` model -> the published per-layer layout (`encoderblock_{i}`)."""
+  encoder = dict(params['Transformer'])
+  if SCANNED_BLOCK not in encoder:
+    return params
+  stacked = encoder.pop(SCANNED_BLOCK)
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    encoder[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, 'Transformer': encoder}
+
+
+def stack_layers(params):
+  """The published per-layer layout -> parameters of a `scan=True` model (`encoderblock`, layer axis first)."""
+  encoder = dict(params['Transformer'])
+  names = sorted((k for k in encoder if re.fullmatch(r'encoderblock_\d+', k)), key=lambda k: int(k[13:]))
+  if not names:
+    return params
+  blocks = [encoder.pop(name) for name in names]
+  encoder[SCANNED_BLOCK] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return {**params, 'Transformer': encoder}
 
 
 class VisionTransformer(nn.Module):
@@ -207,7 +256,9 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   resnet_layers: Optional[Sequence[int]] = None
   resnet_width: int = 1
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.float32  # Of activations and matmuls; parameters stay float32 (mixed precision).
+  remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -239,8 +290,8 @@ class VisionTransformer(nn.Module):
       num_prefix_tokens = 1
 
     x = Encoder(self.num_layers, self.mlp_dim, self.num_heads, self.posemb, (grid_h, grid_w),
-                num_prefix_tokens, self.dropout_rate, self.attention_dropout_rate, self.dtype,
-                name='Transformer')(x, deterministic=not train)
+                num_prefix_tokens, self.dropout_rate, self.attention_dropout_rate, self.dtype, self.remat,
+                self.scan, name='Transformer')(x, deterministic=not train)
     x = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
 
     if self.representation_size is not None:

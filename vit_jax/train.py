@@ -3,6 +3,7 @@
 The steps are jitted over a device `Mesh` with a `data` axis: the batch is split along it, parameters and
 optimizer state are replicated. The same code runs on one CPU device, on simulated devices and on a pod.
 """
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Dict, Tuple
@@ -32,7 +33,7 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
-  return models.get_model(config.model.name, num_classes, **overrides)
+  return models.get_model(config.model.name, num_classes, dtype=jnp.dtype(config.dtype), **overrides)
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -94,21 +95,41 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation, label_smoothing: float,
-               dropout_key: jax.Array) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer update on a global batch; returns the new state and the batch's metrics."""
+               optimizer: optax.GradientTransformation, label_smoothing: float, dropout_key: jax.Array,
+               accum_steps: int = 1) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer update on a global batch; returns the new state and the batch's metrics.
+
+  With `accum_steps` > 1 the batch is processed in that many equal micro-batches whose gradients are
+  averaged: the same update as one step on the whole batch, with the activation memory of one micro-batch.
+  """
   # Dropout noise is a function of (seed, step) only, so a resumed run draws what an uninterrupted one would.
   step_key = jax.random.fold_in(dropout_key, state.step)
 
-  def loss_fn(params):
-    logits = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': step_key})
-    return jnp.mean(cross_entropy(logits, batch['label'], label_smoothing)), logits
+  def loss_fn(params, micro_batch, key):
+    logits = model.apply({'params': params}, micro_batch['image'], train=True, rngs={'dropout': key})
+    loss = jnp.mean(cross_entropy(logits, micro_batch['label'], label_smoothing))
+    return loss, jnp.mean(jnp.argmax(logits, -1) == micro_batch['label'])
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, accuracy), grads = grad_fn(state.params, batch, step_key)
+  else:
+    # Example i * accum_steps + j goes to micro-batch j: every device's contiguous slice of the batch holds
+    # an equal share of each micro-batch, so splitting moves no data between devices.
+    micro_batches = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+    def accumulate(sums, inputs):
+      micro_batch, index = inputs
+      (loss, accuracy), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_key, index))
+      return jax.tree.map(jnp.add, sums, (grads, loss, accuracy)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    sums, _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(accum_steps)))
+    grads, loss, accuracy = jax.tree.map(lambda x: x / accum_steps, sums)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-             'grad_norm': optax.tree.norm(grads)}
+  metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -121,57 +142,156 @@ def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> 
           'count': jnp.sum(mask)}
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process; the batch is split along its `data` axis."""
-  return Mesh(np.asarray(jax.devices()), ('data',))
+MESH_AXES = ('data', 'fsdp')
+BATCH_AXES = MESH_AXES  # The batch is split over every device; fsdp devices share parameters, not data.
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  num_devices = mesh.devices.size
-  if batch_size % num_devices:
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """A 2-D (data, fsdp) mesh over every device of every process; -1 takes the devices left over.
+
+  The fsdp axis is innermost, so parameter shards are gathered between neighbouring devices (within a host
+  where the fsdp size allows it); the data axis spans hosts.
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  sizes = {name: int(mesh_config.get(name, 1)) for name in MESH_AXES}
+  unknown = set(mesh_config.keys()) - set(MESH_AXES) - {'min_shard_size'}
+  if unknown:
+    raise ValueError(f'Unknown mesh axes {sorted(unknown)} in config.mesh; the axes are {MESH_AXES}.')
+  free = [name for name, size in sizes.items() if size == -1]
+  fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+  if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise ValueError(f'Invalid mesh {sizes}: give each axis a positive size, and -1 to at most one.')
+  if free:
+    if fixed == 0 or devices.size % fixed:
+      raise ValueError(f'The mesh {sizes} does not divide the {devices.size} devices: the fixed axes multiply '
+                       f'to {fixed}. Set --config.mesh.* so that their product divides {devices.size}.')
+    sizes[free[0]] = devices.size // fixed
+  if int(np.prod(list(sizes.values()))) != devices.size:
+    raise ValueError(f'The mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but there are '
+                     f'{devices.size}: set --config.mesh.data=-1 to use every device, or sizes that multiply '
+                     f'to {devices.size}.')
+  return Mesh(devices.reshape([sizes[name] for name in MESH_AXES]), MESH_AXES)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, accum_steps: int = 1) -> None:
+  """Fails before any compile when the batch cannot be split over the devices (and micro-batches)."""
+  shards = num_batch_shards(mesh)
+  layout = ' x '.join(f'{name}={mesh.shape[name]}' for name in BATCH_AXES)
+  if batch_size % shards:
     raise ValueError(
-        f'The batch size {batch_size} is not divisible by the number of devices {num_devices}: set '
-        f'--config.batch_size to a multiple of {num_devices} (e.g. '
-        f'{max(1, batch_size // num_devices) * num_devices}).')
+        f'The batch size {batch_size} is not divisible by the number of devices it is split over '
+        f'({shards}: {layout}): set --config.batch_size to a multiple of {shards} (e.g. '
+        f'{max(1, batch_size // shards) * shards}).')
+  if accum_steps < 1 or batch_size % accum_steps:
+    raise ValueError(f'config.accum_steps={accum_steps} does not divide the batch size {batch_size}: use a '
+                     f'divisor of it, e.g. {max(d for d in range(1, 9) if batch_size % d == 0)}.')
+  if (batch_size // accum_steps) % shards:
+    raise ValueError(
+        f'The micro-batch {batch_size // accum_steps} (batch {batch_size} / accum_steps {accum_steps}) is not '
+        f'divisible by the {shards} devices ({layout}): use a batch size that is a multiple of '
+        f'{shards * accum_steps}, or fewer accumulation steps.')
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def fsdp_sharding(shape: Tuple[int, ...], mesh: Mesh, min_size: int) -> NamedSharding:
+  """Splits an array of at least `min_size` elements along its largest dimension that the fsdp axis
+  divides; smaller arrays (biases, norms, scalars) and arrays with no such dimension stay replicated."""
+  fsdp = mesh.shape['fsdp']
+  if fsdp == 1 or int(np.prod(shape)) < min_size:
+    return replicated(mesh)
+  candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0]
+  if not candidates:
+    return replicated(mesh)
+  _, axis = max(candidates)
+  spec = [None] * len(shape)
+  spec[axis] = 'fsdp'
+  return NamedSharding(mesh, P(*spec))
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh, min_size: int) -> TrainState:
+  """Shardings of parameters and optimizer state alike (Adam's moments have the parameters' shapes)."""
+  return jax.tree.map(lambda x: fsdp_sharding(x.shape, mesh, min_size), abstract_state)
+
+
 def to_global_batch(local_batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
-  """Each process's slice of the batch -> one global `jax.Array` per field, split over the data axis."""
+  """Each process's slice of the batch -> one global `jax.Array` per field, split over the devices."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def jit_train_step(model, optimizer, config, mesh: Mesh) -> Callable:
-  """`train_step` jitted with explicit shardings: state replicated, batch split, input state donated."""
-  state_sharding = replicated(mesh)
+def jit_train_step(model, optimizer, config, mesh: Mesh, state_sharding) -> Callable:
+  """`train_step` jitted with explicit shardings: state sharded as given, batch split, input state donated."""
   step = lambda state, batch: train_step(state, batch, model=model, optimizer=optimizer,
                                          label_smoothing=config.label_smoothing,
-                                         dropout_key=jax.random.PRNGKey(config.seed + 1))
+                                         dropout_key=jax.random.PRNGKey(config.seed + 1),
+                                         accum_steps=config.accum_steps)
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
                  out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(model, mesh: Mesh) -> Callable:
+def jit_eval_step(model, mesh: Mesh, params_sharding) -> Callable:
   return jax.jit(lambda params, batch: eval_step(params, batch, model=model),
-                 in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
+                 in_shardings=(params_sharding, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
-def abstract_train_inputs(model, optimizer, image_shape, batch_size: int, mesh: Mesh):
+def abstract_train_inputs(model, optimizer, image_shape, batch_size: int, mesh: Mesh, min_shard_size: int):
   """Shapes and shardings of the train step's arguments, without materialising a single weight."""
   state = jax.eval_shape(lambda rng: init_state(model, optimizer, rng, image_shape), jax.random.PRNGKey(0))
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), state)
+  shardings = state_shardings(state, mesh, min_shard_size)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   batch = {'image': jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32,
                                          sharding=batch_sharding(mesh)),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding(mesh))}
   return state, batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything a run needs but data and weights."""
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  image_shape: Tuple[int, int, int]
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings.
+  abstract_batch: Dict[str, jax.ShapeDtypeStruct]
+  state_sharding: TrainState
+  train_fn: Callable
+  eval_fn: Callable
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """Fresh weights, created directly in their shards (never whole on one device)."""
+    init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape),
+                   out_shardings=self.state_sharding)
+    return init(rng)
+
+
+def setup(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int, num_steps: int,
+          channels: int) -> TrainSetup:
+  """Model, optimizer, abstract state and jitted steps. Checks run first (batch vs devices and micro-batches,
+  image size vs patch size), so bad input fails with a clear message before any compile."""
+  check_batch_size(config.batch_size, mesh, config.accum_steps)
+  check_batch_size(config.eval_batch_size or config.batch_size, mesh)
+  model = build_model(config, num_classes)
+  optimizer = create_optimizer(config, num_steps)
+  image_shape = (config.image_size, config.image_size, channels)
+  # Traces the model: a bad model/image-size combination fails here, with a clear message.
+  abstract_state, abstract_batch = abstract_train_inputs(model, optimizer, image_shape, config.batch_size,
+                                                         mesh, config.mesh.min_shard_size)
+  sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
+  return TrainSetup(model=model, optimizer=optimizer, image_shape=image_shape, abstract_state=abstract_state,
+                    abstract_batch=abstract_batch, state_sharding=sharding,
+                    train_fn=jit_train_step(model, optimizer, config, mesh, sharding),
+                    eval_fn=jit_eval_step(model, mesh, sharding.params))
 
 
 class ProgressLogger:
@@ -236,43 +356,35 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains from scratch (or resumes from the latest checkpoint in `workdir`), then evaluates."""
-  mesh = make_mesh()
-  check_batch_size(config.batch_size, mesh)
-  eval_batch_size = config.eval_batch_size or config.batch_size
-  check_batch_size(eval_batch_size, mesh)
-
+  mesh = make_mesh(config.mesh)
   builder = input_pipeline.get_builder(config.dataset, config.data_dir)
   info = input_pipeline.get_info(builder, config)
   num_steps = total_steps(config, info.num_train_examples)
-  model = build_model(config, info.num_classes)
-  optimizer = create_optimizer(config, num_steps)
-  image_shape = (config.image_size, config.image_size, info.channels)
-  # Traces the model: a bad model/image-size combination fails here, with a clear message, before any work.
-  abstract_state, _ = abstract_train_inputs(model, optimizer, image_shape, config.batch_size, mesh)
+  run = setup(config, mesh, info.num_classes, num_steps, info.channels)
   manager = checkpoint_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract_state))
+    # Collective: every process restores its own shards of the state.
+    state = manager.restore(latest, args=ocp.args.StandardRestore(run.abstract_state))
     logging.info('Resumed from the checkpoint of step %d in %s.', latest, manager.directory)
   else:
-    init = jax.jit(lambda rng: init_state(model, optimizer, rng, image_shape), out_shardings=replicated(mesh))
-    state = init(jax.random.PRNGKey(config.seed))
+    state = run.init_state(jax.random.PRNGKey(config.seed))
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info('Model %s: %s parameters; %d steps of batch %d on %d devices (%d processes).',
+    logging.info('Model %s: %s parameters; %d steps of batch %d on %d devices (mesh %s, %d processes).',
                  config.model.name, f'{num_params:,}', num_steps, config.batch_size, mesh.devices.size,
-                 jax.process_count())
+                 dict(mesh.shape), jax.process_count())
 
-  train_fn = jit_train_step(model, optimizer, config, mesh)
-  eval_fn = jit_eval_step(model, mesh)
+  train_fn, eval_fn = run.train_fn, run.eval_fn
+  eval_batch_size = config.eval_batch_size or config.batch_size
   local_eval_batch = input_pipeline.process_batch_size(eval_batch_size)
   eval_ds = input_pipeline.eval_dataset(builder, config, local_eval_batch, info.num_eval_examples)
   train_iter = input_pipeline.train_dataset(builder, config, input_pipeline.process_batch_size(
       config.batch_size), start_step=start_step)
 
   logger = ProgressLogger(workdir, num_steps, config.batch_size, start_step)
-  train_metrics = []
+  train_metrics, summary = [], {}
   step = start_step
   with mesh:
     for step in range(start_step + 1, num_steps + 1):
@@ -300,4 +412,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   logger.scalars(num_steps, {'eval/accuracy': result['accuracy'], 'eval/loss': result['loss']})
   logging.info('Final eval at step %d: accuracy %.4f, loss %.4f', num_steps, result['accuracy'],
                result['loss'])
-  return {**result, 'step': int(jax.device_get(state.step))}
+  return {**result, 'step': int(jax.device_get(state.step)), 'train_loss': summary.get('loss')}

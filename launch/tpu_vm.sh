@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Creates a Cloud TPU VM slice, installs vit_jax on every worker and runs the main job on all of them at once.
+# Every worker runs the same command; jax.distributed finds the others by itself on TPU VMs.
+#
+# Usage: launch/tpu_vm.sh NAME ZONE ACCELERATOR_TYPE CONFIG WORKDIR [MAIN_FLAGS...]
+#   launch/tpu_vm.sh vit-l16 us-central2-b v4-64 configs/vit_l16.py gs://my-bucket/vit_l16 \
+#       --config.data_dir=gs://my-bucket/tensorflow_datasets
+#
+# WORKDIR and the data_dir must be gs:// paths that every worker can read and write. Environment:
+#   RUNTIME_VERSION  TPU VM software (default tpu-ubuntu2204-base)
+#   REPO             git URL to install from (default: this checkout's origin)
+#   SKIP_CREATE=1    reuse an existing slice NAME
+# The job runs under nohup on each worker; logs: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
+#   --command 'tail -f ~/vit_jax.log'. Delete the slice when done: gcloud compute tpus tpu-vm delete NAME.
+set -euo pipefail
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+if [[ $# -lt 5 ]]; then usage >&2; exit 2; fi
+
+name="$1"; zone="$2"; accelerator_type="$3"; config="$4"; workdir="$5"; shift 5
+runtime_version="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+repo="${REPO:-$(git -C "$(dirname "$0")" config --get remote.origin.url || true)}"
+if [[ -z "${repo}" ]]; then
+  echo "error: set REPO to a git URL the workers can clone (this checkout has no origin)" >&2
+  exit 2
+fi
+if [[ "${workdir}" != gs://* ]]; then
+  echo "error: WORKDIR must be a gs:// path shared by all workers, got ${workdir}" >&2
+  exit 2
+fi
+
+if [[ "${SKIP_CREATE:-0}" != "1" ]]; then
+  gcloud compute tpus tpu-vm create "${name}" --zone="${zone}" --accelerator-type="${accelerator_type}" \
+    --version="${runtime_version}"
+fi
+
+# Quote the user's flags once, for the remote shell.
+main_flags=$(printf ' %q' --config="${config}" --workdir="${workdir}" --distributed=yes "$@")
+gcloud compute tpus tpu-vm ssh "${name}" --zone="${zone}" --worker=all --command "
+  set -e
+  [ -d vit_jax_src ] || git clone '${repo}' vit_jax_src
+  cd vit_jax_src && git pull --ff-only
+  pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+  nohup python -m vit_jax.main${main_flags} > ~/vit_jax.log 2>&1 &
+"
+echo "started on every worker of ${name}; progress: worker 0's ~/vit_jax.log, TensorBoard: ${workdir}"
