@@ -6,10 +6,12 @@
 #   launch/local_multiprocess.sh -n 2 -- --config configs/digits.py --workdir /tmp/vit_2proc
 #
 # Each process logs to LOG_DIR/process_<i>.log (default: the current directory); the script exits
-# non-zero when any process fails, after printing the end of that process's log.
+# non-zero when any process fails, after printing the end of that process's log. PYTHON picks the
+# interpreter (default: python3).
 set -euo pipefail
+PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 
 num_processes=2
 devices_per_process=1
@@ -32,14 +34,14 @@ if [[ $# -eq 0 ]]; then
   exit 2
 fi
 if [[ -z "${port}" ]]; then  # A free port, chosen by the kernel.
-  port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$("${PYTHON}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 mkdir -p "${log_dir}"
 
 pids=()
 for ((i = 0; i < num_processes; i++)); do
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices_per_process}" \
-    python -m vit_jax.main --coordinator_address="127.0.0.1:${port}" --num_processes="${num_processes}" \
+    "${PYTHON}" -m vit_jax.main --coordinator_address="127.0.0.1:${port}" --num_processes="${num_processes}" \
       --process_id="${i}" "$@" >"${log_dir}/process_${i}.log" 2>&1 &
   pids+=($!)
 done

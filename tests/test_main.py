@@ -96,3 +96,19 @@ def test_main_job_errors_are_clear(tmp_path, data_dir):
   patch = run_main(tmp_path / 'c', *TINY, f'--config.data_dir={data_dir}', '--config.model.name=ViT-mu/3',
                    check=False)
   assert patch.returncode != 0 and 'image size 8x8 is not divisible by the patch size 3' in patch.stderr
+
+
+def test_multi_process_jobs_are_detected_from_the_cluster_environment(monkeypatch):
+  from vit_jax import main  # pylint: disable=g-import-not-at-top
+  for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(name, raising=False)
+  assert not main._cluster_detected()
+  monkeypatch.setenv('SLURM_NTASKS', '1')  # A single-task SLURM job is one process.
+  assert not main._cluster_detected()
+  monkeypatch.setenv('SLURM_NTASKS', '16')
+  assert main._cluster_detected()
+  monkeypatch.delenv('SLURM_NTASKS')
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0')
+  assert not main._cluster_detected()
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')
+  assert main._cluster_detected()

@@ -4,6 +4,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -19,7 +20,7 @@ def _launch(log_dir, workdir, data_dir, total_steps):
   result = subprocess.run(
       [LAUNCH, '-n', '2', '-d', '2', '-l', str(log_dir), '--', *FLAGS, f'--workdir={workdir}',
        f'--config.data_dir={data_dir}', f'--config.total_steps={total_steps}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True, timeout=600)
   logs = [open(os.path.join(log_dir, f'process_{i}.log')).read() for i in range(2)]
   assert result.returncode == 0, result.stderr[-3000:] + logs[0][-3000:] + logs[1][-3000:]
   return logs
