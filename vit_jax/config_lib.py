@@ -54,6 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
   # along the fsdp axis, the rest is replicated.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
+  # Fine-tuning: start from a published-layout .npz or a vit_jax workdir instead of random weights (only when
+  # the workdir has no checkpoint yet; a restart resumes as usual). The head is re-initialised unless
+  # `keep_head` and the class count matches; position embeddings are resized to the new resolution.
+  config.init_from = config_dict.placeholder(str)
+  config.keep_head = False
+
   # Optimisation. `total_steps` wins over `num_epochs` when both are set.
   config.batch_size = 4096
   config.num_epochs = config_dict.placeholder(float)

@@ -260,6 +260,13 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   scan: bool = False
 
+  def token_grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+    """The patch grid (rows, columns) for images of `image_size`: the position-embedding grid."""
+    stride = self.patch_size
+    if self.resnet_layers is not None:  # Root conv and max-pool stride 2 each, later stages 2 each.
+      stride *= 4 * 2**max(len(self.resnet_layers) - 1, 0)
+    return tuple(-(-size // stride) for size in image_size)
+
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     if self.classifier not in CLASSIFIERS:
@@ -276,7 +283,7 @@ class VisionTransformer(nn.Module):
       what = 'ResNet feature map' if self.resnet_layers is not None else 'image size'
       raise ValueError(
           f'The {what} {height}x{width} is not divisible by the patch size {self.patch_size}: use an image '
-          f'size that is a multiple of {self.patch_size} (e.g. {self.patch_size * (224 // self.patch_size)}) '
+          f'size that is a multiple of {self.patch_size} (e.g. {_nearby_multiples(height, self.patch_size)}) '
           f'or a patch size that divides it.')
 
     x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
@@ -299,6 +306,11 @@ class VisionTransformer(nn.Module):
     # Zero-initialised head: every class starts equally likely (paper Sec. 3.1, fine-tuning).
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='head')(x)
     return logits.astype(jnp.float32)
+
+
+def _nearby_multiples(size: int, multiple: int) -> str:
+  lower = size // multiple * multiple
+  return ' or '.join(str(x) for x in (lower, lower + multiple) if x > 0)
 
 
 def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:

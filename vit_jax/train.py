@@ -354,8 +354,33 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
   return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
 
 
+def init_from_pretrained(run: TrainSetup, state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+  """Fine-tuning: a fresh state whose parameters come from `config.init_from` (a published-layout `.npz` or a
+  vit_jax workdir), adapted to this model (new zero head, position embeddings resized to the new grid).
+  Everything is checked before the state is replaced: a mismatch never leaves a half-loaded model."""
+  from vit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  source = config.init_from
+  if os.path.isdir(source):
+    pretrained, _ = checkpoints.restore_params(source)
+  else:
+    pretrained = checkpoints.load_npz(source)
+  fresh = jax.tree.map(np.asarray, jax.device_get(state.params))
+  grid = run.model.token_grid((config.image_size, config.image_size))
+  params = checkpoints.adapt_to_model(pretrained, fresh, grid, 1 if run.model.classifier == 'token' else 0,
+                                      keep_head=config.keep_head)
+  new_state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                           opt_state=run.optimizer.init(p)),
+                      in_shardings=(run.state_sharding.params,), out_shardings=run.state_sharding)
+  logging.info('Initialised from %s (head re-initialised for %d classes, position embeddings for a %dx%d '
+               'grid).', source, run.model.num_classes, *grid)
+  return new_state(params)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains from scratch (or resumes from the latest checkpoint in `workdir`), then evaluates."""
+  if config.init_from == '':  # pylint: disable=g-explicit-bool-comparison
+    raise ValueError('This config fine-tunes pretrained weights: set --config.init_from to a published-layout '
+                     '.npz (e.g. ViT-B_16.npz) or to the workdir of a vit_jax run.')
   mesh = make_mesh(config.mesh)
   builder = input_pipeline.get_builder(config.dataset, config.data_dir)
   info = input_pipeline.get_info(builder, config)
@@ -369,6 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     logging.info('Resumed from the checkpoint of step %d in %s.', latest, manager.directory)
   else:
     state = run.init_state(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      state = init_from_pretrained(run, state, config)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))

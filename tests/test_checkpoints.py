@@ -1,0 +1,160 @@
+"""Published-layout `.npz` import/export, position-embedding resizing, and loading pretrained weights into a
+model built for a new task."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_main
+from vit_jax import checkpoints
+from vit_jax import models
+
+
+def _init(model, image_size, channels=3):
+  return model.init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, channels)))['params']
+
+
+def test_npz_round_trip_is_bit_exact_and_uses_the_published_keys(tmp_path):
+  model = models.get_model('ViT-mu/4', 10, classifier='token', representation_size=32, num_layers=2)
+  params = _init(model, 16)
+  path = str(tmp_path / 'model.npz')
+  checkpoints.save_npz(params, path)
+  with np.load(path) as data:
+    keys = set(data.files)
+  assert {'cls', 'embedding/kernel', 'Transformer/posembed_input/pos_embedding', 'pre_logits/kernel',
+          'head/bias', 'Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel'} <= keys
+  loaded = checkpoints.load_npz(path)
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+  assert not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]  # The temporary file was renamed.
+
+
+def test_scanned_parameters_export_in_the_per_layer_layout(tmp_path):
+  scanned = models.get_model('ViT-mu/4', 10, num_layers=3, scan=True)
+  params = _init(scanned, 16)
+  checkpoints.save_npz(params, str(tmp_path / 'scanned.npz'))
+  loaded = checkpoints.load_npz(str(tmp_path / 'scanned.npz'))
+  assert sorted(k for k in loaded['Transformer'] if k.startswith('encoderblock')) == [
+      'encoderblock_0', 'encoderblock_1', 'encoderblock_2']
+  plain = models.get_model('ViT-mu/4', 10, num_layers=3)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  np.testing.assert_allclose(plain.apply({'params': loaded}, images), scanned.apply({'params': params}, images),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_resize_posemb_interpolates_the_grid_and_keeps_cls_apart():
+  dim = 4
+  rows = np.arange(14, dtype=np.float32)[:, None, None] * np.ones((14, 14, dim), np.float32)  # Varies with y.
+  posemb = np.concatenate([np.full((1, 1, dim), 7.0, np.float32), rows.reshape(1, 196, dim)], axis=1)
+  resized = checkpoints.resize_posemb(posemb, (24, 24), num_prefix_tokens=1)
+  assert resized.shape == (1, 1 + 24 * 24, dim)
+  assert np.array_equal(resized[0, 0], posemb[0, 0])  # [CLS] untouched.
+  grid = resized[0, 1:].reshape(24, 24, dim)
+  np.testing.assert_allclose(grid, np.broadcast_to(grid[:, :1], grid.shape), atol=1e-6)  # Constant along x...
+  assert np.all(np.diff(grid[:, 0, 0]) >= 0) and grid[0, 0, 0] < 0.5 and grid[-1, 0, 0] > 12.5  # ...rising in y.
+  assert checkpoints.resize_posemb(posemb, (14, 21), 1).shape == (1, 1 + 14 * 21, dim)  # Non-square.
+  assert checkpoints.resize_posemb(posemb[:, 1:], (7, 7), 0).shape == (1, 49, dim)  # GAP models: no prefix.
+
+
+@pytest.mark.parametrize('name', models.PAPER_VARIANTS)
+def test_every_variant_loads_for_fine_tuning_at_higher_resolution(name, tmp_path):
+  """One layer of each variant (per-layer shapes as published): export at 224px with 1000 classes, load into
+  the 384px model (392px for patch 14) with 10 classes: new zero head, 2-D resized position embeddings, the
+  rest identical."""
+  pretrained_model = models.get_model(name, 1000, num_layers=1, representation_size=None)
+  path = str(tmp_path / 'pretrained.npz')
+  checkpoints.save_npz(_init(pretrained_model, 224), path)
+  pretrained = checkpoints.load_npz(path)
+  model = models.get_model(name, 10, num_layers=1)
+  size = 384 if 384 % model.patch_size == 0 else 392
+  fresh = jax.eval_shape(lambda: _init(model, size))
+  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), fresh)
+  patch = model.patch_size * (16 if model.resnet_layers else 1)
+  grid = (size // patch,) * 2
+  params = checkpoints.adapt_to_model(pretrained, fresh, grid, num_prefix_tokens=1)
+  assert params['head']['kernel'].shape[-1] == 10 and not np.any(params['head']['kernel'])
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 1 + grid[0] * grid[1],
+                                                                            model.hidden_size)
+  block = 'encoderblock_0'
+  assert np.array_equal(params['Transformer'][block]['MlpBlock_3']['Dense_0']['kernel'],
+                        pretrained['Transformer'][block]['MlpBlock_3']['Dense_0']['kernel'])
+
+
+def test_mismatches_and_broken_files_get_clear_errors(tmp_path):
+  small = _init(models.get_model('ViT-mu/4', 10, num_layers=2), 16)
+  other = jax.tree.map(np.asarray, _init(models.get_model('ViT-mu/4', 10, num_layers=2, hidden_size=64,
+                                                          mlp_dim=128), 16))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'encoderblock_0/MlpBlock_3/Dense_0/kernel: checkpoint \(128, 256\) vs model \(64, 128\)'):
+    checkpoints.adapt_to_model(jax.tree.map(np.asarray, small), other, (4, 4), 1)
+  deeper = _init(models.get_model('ViT-mu/4', 10, num_layers=3), 16)
+  with pytest.raises(checkpoints.CheckpointError, match='encoderblock_2/.*in the checkpoint, not in the model'):
+    checkpoints.adapt_to_model(jax.tree.map(np.asarray, deeper), jax.tree.map(np.asarray, small), (4, 4), 1)
+
+  path = str(tmp_path / 'model.npz')
+  checkpoints.save_npz(small, path)
+  data = open(path, 'rb').read()
+  truncated = tmp_path / 'truncated.npz'
+  truncated.write_bytes(data[:len(data) // 2])
+  with pytest.raises(checkpoints.CheckpointError, match='corrupt or truncated'):
+    checkpoints.load_npz(str(truncated))
+  corrupt = bytearray(data)
+  corrupt[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # Zeroed bytes inside an array: CRC fails.
+  (tmp_path / 'corrupt.npz').write_bytes(bytes(corrupt))
+  with pytest.raises(checkpoints.CheckpointError, match='corrupt or truncated'):
+    checkpoints.load_npz(str(tmp_path / 'corrupt.npz'))
+  with pytest.raises(checkpoints.CheckpointError, match='does not exist'):
+    checkpoints.load_npz(str(tmp_path / 'missing.npz'))
+
+
+def test_export_command_writes_the_trained_parameters(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
+           '--config.total_steps=10', '--config.model.scan=true')
+  out = tmp_path / 'exported.npz'
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={workdir}', f'--out={out}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'of step 10 in the published layout' in result.stdout
+  params, step = checkpoints.restore_params(str(workdir))
+  assert step == 10
+  exported = checkpoints.load_npz(str(out))
+  assert 'encoderblock_0' in exported['Transformer']  # Scanned in training, per-layer on disk.
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(models.unstack_layers(params))):
+    assert np.array_equal(a, b)
+  assert np.any(exported['head']['kernel'])  # Trained: the zero-initialised head moved.
+  missing = subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={tmp_path}/nothing',
+                            f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and 'No checkpoints in' in missing.stderr
+
+
+def test_fine_tuning_at_higher_resolution_from_a_workdir_and_from_an_npz(tmp_path, data_dir):
+  """Pretrain on 8x8 digits, fine-tune at 16x16 (4x4 -> 8x8 patch grid) with the SGD recipe, from the
+  workdir and from its exported .npz: both start from the same weights and end in the same place."""
+  common = ('--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
+            '--config.model.classifier=token')
+  pretrain = tmp_path / 'pretrain'
+  run_main(pretrain, *common, '--config.total_steps=60')
+  npz = tmp_path / 'pretrained.npz'
+  subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={pretrain}', f'--out={npz}'], cwd=ROOT,
+                 check=True, capture_output=True, timeout=300)
+  finetune = (*common, '--config.image_size=16', '--config.optimizer=sgd', '--config.weight_decay=0',
+              '--config.lr=0.01', '--config.total_steps=20', '--config.warmup_steps=5')
+  outputs = []
+  for name, source in (('from_workdir', pretrain), ('from_npz', npz)):
+    result = run_main(tmp_path / name, *finetune, f'--config.init_from={source}')
+    assert 'position embeddings for a 8x8 grid' in result.stderr
+    outputs.append(result.stdout.split('Final test accuracy: ')[1].split()[0])
+  assert outputs[0] == outputs[1]
+  assert float(outputs[0]) > 0.3  # Pretrained features carry over (chance: 0.1) after 20 steps.
+  # A model of another width cannot take these weights: a clear error, no training.
+  bad = run_main(tmp_path / 'bad', *finetune, f'--config.init_from={npz}', '--config.model.hidden_size=64',
+                 '--config.model.mlp_dim=128', check=False)
+  assert bad.returncode != 0 and 'does not fit the model' in bad.stderr and 'step 1' not in bad.stderr
+  required = run_main(tmp_path / 'required', '--config=configs/vit_b16_finetune.py', check=False)
+  assert required.returncode != 0 and 'set --config.init_from' in required.stderr
