@@ -144,7 +144,7 @@ def test_unknown_variant_lists_the_known_ones():
 
 def test_image_size_not_divisible_by_patch_size():
   model = models.get_model('ViT-B/16', num_classes=10)
-  with pytest.raises(ValueError, match=r'image size 100x100 is not divisible by the patch size 16.*224'):
+  with pytest.raises(ValueError, match=r'image size 100x100 is not divisible by the patch size 16.*e.g. 96 or 112'):
     models.count_params(model, image_size=100)
 
 
