@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.datasets import embedded
+from vit_jax.datasets import folder
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -30,15 +31,17 @@ class DatasetInfo:
 
 def get_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   """The tfds builder of `name`, prepared; embedded datasets are built from local files on first use."""
-  if name in embedded.BUILDERS:
-    builder = embedded.BUILDERS[name](data_dir=data_dir)
+  if name in embedded.BUILDERS or name.startswith(folder.PREFIX):
+    make = (lambda: folder.builder_for(name, data_dir)) if name.startswith(folder.PREFIX) else (
+        lambda: embedded.BUILDERS[name](data_dir=data_dir))
+    builder = make()
     if not builder.is_prepared():
       try:
         builder.download_and_prepare()
       except FileExistsError:
         # Several processes sharing a data_dir build at once; tfds writes to a temporary folder and renames
         # it, so the first rename wins and the others find the same dataset in place.
-        builder = embedded.BUILDERS[name](data_dir=data_dir)
+        builder = make()
         if not builder.is_prepared():
           raise
     return builder
@@ -46,8 +49,9 @@ def get_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFound(
-        f'Unknown dataset {name!r}: neither one of ours ({", ".join(embedded.BUILDERS)}) nor a tfds catalog '
-        f'name (see https://www.tensorflow.org/datasets/catalog).') from e
+        f'Unknown dataset {name!r}: neither one of ours ({", ".join(embedded.BUILDERS)}), nor an image folder '
+        f'("folder:/path/to/images"), nor a tfds catalog name (see https://www.tensorflow.org/datasets/catalog).'
+    ) from e
   if not builder.is_prepared():
     raise DatasetNotFound(
         f'Dataset {name!r} is not prepared in {builder.data_dir}. This job never downloads: prepare it first, '
