@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import checkpoints
 from vit_jax import input_pipeline
 from vit_jax import models
 
@@ -358,7 +359,6 @@ def init_from_pretrained(run: TrainSetup, state: TrainState, config: ml_collecti
   """Fine-tuning: a fresh state whose parameters come from `config.init_from` (a published-layout `.npz` or a
   vit_jax workdir), adapted to this model (new zero head, position embeddings resized to the new grid).
   Everything is checked before the state is replaced: a mismatch never leaves a half-loaded model."""
-  from vit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   source = config.init_from
   if os.path.isdir(source):
     pretrained, _ = checkpoints.restore_params(source)
