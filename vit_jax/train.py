@@ -355,7 +355,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
   return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
 
 
-def init_from_pretrained(run: TrainSetup, state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+def init_from_pretrained(run: TrainSetup, config: ml_collections.ConfigDict) -> TrainState:
   """Fine-tuning: a fresh state whose parameters come from `config.init_from` (a published-layout `.npz` or a
   vit_jax workdir), adapted to this model (new zero head, position embeddings resized to the new grid).
   Everything is checked before the state is replaced: a mismatch never leaves a half-loaded model."""
@@ -364,7 +364,9 @@ def init_from_pretrained(run: TrainSetup, state: TrainState, config: ml_collecti
     pretrained, _ = checkpoints.restore_params(source)
   else:
     pretrained = checkpoints.load_npz(source)
-  fresh = jax.tree.map(np.asarray, jax.device_get(state.params))
+  # Only shapes are needed, and the head the model would initialise is all zeros: build it on the host
+  # (reading the fresh sharded parameters back would fail when they span several processes).
+  fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), run.abstract_state.params)
   grid = run.model.token_grid((config.image_size, config.image_size))
   params = checkpoints.adapt_to_model(pretrained, fresh, grid, 1 if run.model.classifier == 'token' else 0,
                                       keep_head=config.keep_head)
@@ -392,10 +394,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     # Collective: every process restores its own shards of the state.
     state = manager.restore(latest, args=ocp.args.StandardRestore(run.abstract_state))
     logging.info('Resumed from the checkpoint of step %d in %s.', latest, manager.directory)
+  elif config.init_from:
+    state = init_from_pretrained(run, config)
   else:
     state = run.init_state(jax.random.PRNGKey(config.seed))
-    if config.init_from:
-      state = init_from_pretrained(run, state, config)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
