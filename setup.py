@@ -1,6 +1,11 @@
 """vit_jax: the Vision Transformer (Dosovitskiy et al., 2020) in JAX/Flax, from a laptop CPU to a TPU pod."""
 import setuptools
 
+# PyTorch and timm: `export --format torch`, its logits test and `benchmark --compare timm`. torchvision's PyPI
+# wheels only load next to the standard torch wheel of the same release, so the pair is pinned,
+# excluding the local `+cpu` build that some pip configurations prefer (it sorts above the standard wheel).
+TORCH = ['torch==2.13.0,!=2.13.0+cpu', 'torchvision==0.28.0,!=0.28.0+cpu', 'timm>=1.0']
+
 setuptools.setup(
     name='vit_jax',
     version='0.1.0',
@@ -27,6 +32,7 @@ setuptools.setup(
         'scikit-learn>=1.3',
     ],
     extras_require={
-        'test': ['pytest>=8.0', 'pytest-timeout>=2.3'],
+        'torch': TORCH,
+        'test': ['pytest>=8.0', 'pytest-timeout>=2.3', *TORCH],
     },
 )

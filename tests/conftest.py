@@ -5,6 +5,14 @@ import sys
 
 import pytest
 
+try:
+  # PyTorch (the optional `torch` extra) must load before TensorFlow, which other test modules import:
+  # triton's native library, which torchvision pulls in, crashes the process when loaded after TensorFlow's.
+  import torch  # pylint: disable=unused-import
+  import timm  # pylint: disable=unused-import
+except ImportError:
+  pass
+
 from vit_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,6 +9,7 @@ import pytest
 from ml_collections import config_flags
 
 from conftest import CONFIG_DIR, load_config
+from vit_jax import models
 from vit_jax import train
 
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, '*.py')))
@@ -25,7 +26,7 @@ def test_the_config_files_of_the_design_are_there():
 def test_config_loads_and_names_a_known_model_and_dataset(name):
   config = load_config(name)
   assert config.dataset in DATASET_SHAPES
-  train.build_model(config, num_classes=10)  # Raises on an unknown variant or option.
+  models.from_config(config, num_classes=10)  # Raises on an unknown variant or option.
 
 
 @pytest.mark.parametrize('name', PAPER_PRETRAINING)

@@ -77,3 +77,26 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
   masked = eval_fn(state.params, {**batch, 'mask': jnp.zeros((64,)).at[:10].set(1.0)})
   assert float(masked['count']) == 10 and float(masked['correct']) <= 10
 
+
+
+def test_moving_average_of_the_parameters_follows_the_polyak_update():
+  config = _small_config(lr=3e-3, warmup_steps=0, ema_decay=0.9)
+  mesh = train.make_mesh(config.mesh)
+  run = train.setup(config, mesh, num_classes=10, num_steps=100, channels=1)
+  state = run.init_state(jax.random.PRNGKey(0))
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
+    assert np.array_equal(a, b)  # The average starts at the initial parameters.
+  rng = np.random.default_rng(0)
+  batch = train.to_global_batch({'image': rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32),
+                                 'label': rng.integers(0, 10, 64).astype(np.int32)}, mesh)
+  expected = jax.device_get(state.params)  # The step donates (deletes) its input state.
+  for _ in range(3):
+    state, _ = run.train_fn(state, batch)
+    expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, expected, state.params)
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  head = state.ema_params['head']['kernel']
+  assert np.any(head) and not np.allclose(head, state.params['head']['kernel'])
+  assert train.setup(_small_config(), mesh, 10, 100, 1).abstract_state.ema_params is None  # Off: no copy.
+  with pytest.raises(ValueError, match='ema_decay'):
+    train.setup(_small_config(ema_decay=1.0), mesh, num_classes=10, num_steps=100, channels=1)

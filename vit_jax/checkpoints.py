@@ -66,23 +66,32 @@ def load_npz(path: str) -> Dict[str, Any]:
   return unflatten(flat)
 
 
-def restore_params(workdir: str, step=None):
+def restore_params(workdir: str, step=None, ema=None):
   """The parameters of a workdir's checkpoint (latest by default), as numpy arrays on this host, whatever
-  the mesh that wrote them."""
+  the mesh that wrote them. `ema`: the moving average of the parameters (`config.ema_decay` > 0) instead of
+  the parameters; None: the average when the run kept one."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
     raise CheckpointError(f'No checkpoints in {workdir!r}: expected a vit_jax.main workdir with '
                                       f'a checkpoints/ folder.')
-  with ocp.CheckpointManager(directory) as manager:
+  with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as manager:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise CheckpointError(f'No checkpoint of step {step} in {directory}; it has '
                                         f'{manager.all_steps()}.')
-    metadata = manager.item_metadata(step)
+    metadata = dict(manager.item_metadata(step))
+    has_ema = metadata.get('ema_params') is not None
+    if ema and not has_ema:
+      raise CheckpointError(f'The checkpoint of step {step} in {directory} has no moving average of the '
+                            f'parameters (the run had config.ema_decay=0): use its parameters.')
+    key = 'ema_params' if (has_ema if ema is None else ema) else 'params'
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
-  return jax.tree.map(np.asarray, state['params']), step
+    # Only the wanted parameters are read; the optimizer state stays on disk.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[key])
+    state = manager.restore(step, args=ocp.args.PyTreeRestore(
+        {key: target}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}),
+        partial_restore=True))
+  return jax.tree.map(np.asarray, state[key]), step
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:

@@ -1,28 +1,68 @@
-"""Exports the latest checkpoint of a workdir as a `.npz` in the published ViT layout.
+"""Exports a checkpoint of a workdir for other tools.
 
   python -m vit_jax.export --workdir /tmp/vit_default --out /tmp/vit_default.npz
+  python -m vit_jax.export --workdir /tmp/vit_default --out /tmp/vit_default.pth --format torch
 
-Any tool that reads the published checkpoints (e.g. `ViT-B_16.npz`) reads the result.
+`npz`: the layout of the published ViT checkpoints (e.g. `ViT-B_16.npz`): any tool that reads those reads
+ours (timm's `.npz` loader included). `torch`: a PyTorch `state_dict` with the key names of timm's
+`VisionTransformer` (needs the `torch` extra); the command prints the timm constructor that takes it.
+With a moving average of the parameters in the checkpoint (`config.ema_decay` > 0), that is what is exported
+unless `--params=raw`.
+
+This module never imports TensorFlow: PyTorch's triton crashes when loaded after it.
 """
+import os
+
 from absl import app
 from absl import flags
 import jax
 
 from vit_jax import checkpoints
+from vit_jax import config_lib
+from vit_jax import models
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a vit_jax.main run.')
-_OUT = flags.DEFINE_string('out', None, 'Output .npz path.')
+_OUT = flags.DEFINE_string('out', None, 'Output path (.npz, or .pth for --format torch).')
+_FORMAT = flags.DEFINE_enum('format', 'npz', ['npz', 'torch'], 'Published-layout .npz or timm state_dict.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_PARAMS = flags.DEFINE_enum('params', 'auto', ['auto', 'ema', 'raw'],
+                            'auto: the moving average when the run kept one, else the parameters.')
 flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def save_torch(params, config, path: str) -> str:
+  """Writes a timm `state_dict` atomically; returns the timm constructor call that loads it."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
+  from vit_jax import timm_layout  # pylint: disable=g-import-not-at-top
+  model = models.from_config(config, params['head']['kernel'].shape[-1])
+  table = timm_layout.added_position_embeddings(model, params, config.image_size)
+  weights = timm_layout.state_dict(params, table)
+  info = timm_layout.describe(params)
+  tmp_path = path + '.tmp'
+  torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path)
+  os.replace(tmp_path, path)
+  return (f'timm_layout.create_model(params, image_size={config.image_size}) or timm VisionTransformer('
+          f'img_size={config.image_size}, patch_size={info["patch_size"]}, embed_dim={info["embed_dim"]}, '
+          f'depth={info["depth"]}, num_heads={info["num_heads"]}, mlp_ratio={info["mlp_ratio"]}, '
+          f'num_classes={info["num_classes"]}, in_chans={info["in_chans"]}, '
+          f'class_token={info["class_token"]}, global_pool={"token" if info["class_token"] else "avg"!r}, '
+          f'fc_norm=False)' + (' with a ResNetV2 HybridEmbed stem (see vit_jax/timm_layout.py)'
+                               if info['hybrid'] else ''))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  params, step = checkpoints.restore_params(_WORKDIR.value, _STEP.value)
-  checkpoints.save_npz(params, _OUT.value)
+  ema = {'auto': None, 'ema': True, 'raw': False}[_PARAMS.value]
+  params, step = checkpoints.restore_params(_WORKDIR.value, _STEP.value, ema=ema)
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f'Wrote {_OUT.value}: {num_params:,} parameters of step {step} in the published layout.')
+  if _FORMAT.value == 'npz':
+    checkpoints.save_npz(params, _OUT.value)
+    print(f'Wrote {_OUT.value}: {num_params:,} parameters of step {step} in the published layout.')
+  else:
+    constructor = save_torch(params, config_lib.load_workdir_config(_WORKDIR.value), _OUT.value)
+    print(f'Wrote {_OUT.value}: {num_params:,} parameters of step {step} as a timm state_dict; load it with '
+          f'{constructor}.')
 
 
 if __name__ == '__main__':

@@ -69,6 +69,9 @@ def main(argv):
   result = train.train_and_evaluate(_CONFIG.value, workdir)
   print(f'Final test accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} on '
         f'{_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} steps.', flush=True)
+  if 'ema_accuracy' in result:
+    print(f'Final test accuracy of the moving average (ema_decay {_CONFIG.value.ema_decay}): '
+          f'{result["ema_accuracy"]:.4f}.', flush=True)
   if result['train_loss'] is not None:
     print(f'Process {jax.process_index()}: last train loss {result["train_loss"]:.6f}', flush=True)
 

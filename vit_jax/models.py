@@ -70,6 +70,12 @@ def get_model(name: str, num_classes: int, **overrides) -> 'VisionTransformer':
   return VisionTransformer(num_classes=num_classes, **kwargs)
 
 
+def from_config(config, num_classes: int) -> 'VisionTransformer':
+  """The model a run's config describes (`config.model` fields, `config.dtype`)."""
+  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  return get_model(config.model.name, num_classes, dtype=jnp.dtype(config.dtype), **overrides)
+
+
 def sincos_2d(grid: Tuple[int, int], dim: int, temperature: float = 10_000.) -> np.ndarray:
   """Fixed 2-D sine-cosine position embedding, (h*w, dim): a quarter of the channels per sin/cos x/y."""
   if dim % 4:

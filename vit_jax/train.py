@@ -1,7 +1,8 @@
 """Training pieces: optimizer and schedule, train state, and `train_step` / `eval_step` as plain functions.
 
-The steps are jitted over a device `Mesh` with a `data` axis: the batch is split along it, parameters and
-optimizer state are replicated. The same code runs on one CPU device, on simulated devices and on a pod.
+The steps are jitted over a device `Mesh` with `data` and `fsdp` axes: the batch is split over both, large
+parameters and their optimizer state along `fsdp`. The same code runs on one CPU device, on simulated devices
+and on a pod.
 """
 import dataclasses
 import os
@@ -21,6 +22,7 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax import checkpoints
+from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import models
 
@@ -30,11 +32,8 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
-  overrides = {k: v for k, v in config.model.items() if k != 'name'}
-  return models.get_model(config.model.name, num_classes, dtype=jnp.dtype(config.dtype), **overrides)
+  # Polyak (exponential moving) average of `params` for evaluation (`config.ema_decay` > 0), else None.
+  ema_params: Any = None
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -83,9 +82,15 @@ def create_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
-               image_shape: Tuple[int, ...]) -> TrainState:
+               image_shape: Tuple[int, ...], ema: bool = False) -> TrainState:
   params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  return state_from_params(params, optimizer, ema)
+
+
+def state_from_params(params: Any, optimizer: optax.GradientTransformation, ema: bool) -> TrainState:
+  """Step 0 with these parameters; the moving average, if any, starts at them."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -97,7 +102,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, label_smoothing: float, dropout_key: jax.Array,
-               accum_steps: int = 1) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               accum_steps: int = 1, ema_decay: float = 0.0) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer update on a global batch; returns the new state and the batch's metrics.
 
   With `accum_steps` > 1 the batch is processed in that many equal micro-batches whose gradients are
@@ -130,8 +135,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Modu
     grads, loss, accuracy = jax.tree.map(lambda x: x / accum_steps, sums)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay)
   metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(grads)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
 
 def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> Dict[str, jax.Array]:
@@ -236,7 +244,7 @@ def jit_train_step(model, optimizer, config, mesh: Mesh, state_sharding) -> Call
   step = lambda state, batch: train_step(state, batch, model=model, optimizer=optimizer,
                                          label_smoothing=config.label_smoothing,
                                          dropout_key=jax.random.PRNGKey(config.seed + 1),
-                                         accum_steps=config.accum_steps)
+                                         accum_steps=config.accum_steps, ema_decay=config.ema_decay)
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
                  out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
 
@@ -246,9 +254,11 @@ def jit_eval_step(model, mesh: Mesh, params_sharding) -> Callable:
                  in_shardings=(params_sharding, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
-def abstract_train_inputs(model, optimizer, image_shape, batch_size: int, mesh: Mesh, min_shard_size: int):
+def abstract_train_inputs(model, optimizer, image_shape, batch_size: int, mesh: Mesh, min_shard_size: int,
+                          ema: bool = False):
   """Shapes and shardings of the train step's arguments, without materialising a single weight."""
-  state = jax.eval_shape(lambda rng: init_state(model, optimizer, rng, image_shape), jax.random.PRNGKey(0))
+  state = jax.eval_shape(lambda rng: init_state(model, optimizer, rng, image_shape, ema),
+                         jax.random.PRNGKey(0))
   shardings = state_shardings(state, mesh, min_shard_size)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   batch = {'image': jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32,
@@ -263,6 +273,7 @@ class TrainSetup:
   model: nn.Module
   optimizer: optax.GradientTransformation
   image_shape: Tuple[int, int, int]
+  ema: bool
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings.
   abstract_batch: Dict[str, jax.ShapeDtypeStruct]
   state_sharding: TrainState
@@ -271,7 +282,7 @@ class TrainSetup:
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """Fresh weights, created directly in their shards (never whole on one device)."""
-    init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape),
+    init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape, self.ema),
                    out_shardings=self.state_sharding)
     return init(rng)
 
@@ -282,14 +293,19 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int, num_s
   image size vs patch size), so bad input fails with a clear message before any compile."""
   check_batch_size(config.batch_size, mesh, config.accum_steps)
   check_batch_size(config.eval_batch_size or config.batch_size, mesh)
-  model = build_model(config, num_classes)
+  model = models.from_config(config, num_classes)
   optimizer = create_optimizer(config, num_steps)
   image_shape = (config.image_size, config.image_size, channels)
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1): 0 turns the moving average '
+                     f'off, the paper used 0.9999.')
+  ema = config.ema_decay > 0
   # Traces the model: a bad model/image-size combination fails here, with a clear message.
   abstract_state, abstract_batch = abstract_train_inputs(model, optimizer, image_shape, config.batch_size,
-                                                         mesh, config.mesh.min_shard_size)
+                                                         mesh, config.mesh.min_shard_size, ema)
   sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
-  return TrainSetup(model=model, optimizer=optimizer, image_shape=image_shape, abstract_state=abstract_state,
+  return TrainSetup(model=model, optimizer=optimizer, image_shape=image_shape, ema=ema,
+                    abstract_state=abstract_state,
                     abstract_batch=abstract_batch, state_sharding=sharding,
                     train_fn=jit_train_step(model, optimizer, config, mesh, sharding),
                     eval_fn=jit_eval_step(model, mesh, sharding.params))
@@ -370,8 +386,7 @@ def init_from_pretrained(run: TrainSetup, config: ml_collections.ConfigDict) -> 
   grid = run.model.token_grid((config.image_size, config.image_size))
   params = checkpoints.adapt_to_model(pretrained, fresh, grid, 1 if run.model.classifier == 'token' else 0,
                                       keep_head=config.keep_head)
-  new_state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                           opt_state=run.optimizer.init(p)),
+  new_state = jax.jit(lambda p: state_from_params(p, run.optimizer, run.ema),
                       in_shardings=(run.state_sharding.params,), out_shardings=run.state_sharding)
   logging.info('Initialised from %s (head re-initialised for %d classes, position embeddings for a %dx%d '
                'grid).', source, run.model.num_classes, *grid)
@@ -388,6 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   info = input_pipeline.get_info(builder, config)
   num_steps = total_steps(config, info.num_train_examples)
   run = setup(config, mesh, info.num_classes, num_steps, info.channels)
+  if jax.process_index() == 0:
+    config_lib.save_workdir_config(config, workdir)
   manager = checkpoint_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
@@ -431,14 +448,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if step % config.checkpoint_every_steps == 0 or step == num_steps:
         manager.save(step, args=ocp.args.StandardSave(state))
       if step % config.eval_every_steps == 0 and step != num_steps:
-        result = evaluate(eval_fn, state.params, eval_ds, mesh)
-        logger.scalars(step, {'eval/accuracy': result['accuracy'], 'eval/loss': result['loss']})
-        logging.info('step %d: eval accuracy %.4f, loss %.4f', step, result['accuracy'], result['loss'])
+        evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, step)
         logger.restart_clock(step)
-    result = evaluate(eval_fn, state.params, eval_ds, mesh)
+    result = evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, num_steps)
   manager.wait_until_finished()
   manager.close()
-  logger.scalars(num_steps, {'eval/accuracy': result['accuracy'], 'eval/loss': result['loss']})
-  logging.info('Final eval at step %d: accuracy %.4f, loss %.4f', num_steps, result['accuracy'],
-               result['loss'])
   return {**result, 'step': int(jax.device_get(state.step)), 'train_loss': summary.get('loss')}
+
+
+def evaluate_and_log(eval_fn: Callable, state: TrainState, dataset, mesh: Mesh, logger: ProgressLogger,
+                     step: int) -> Dict[str, float]:
+  """Test metrics of the parameters and, when kept, of their moving average (`ema_accuracy`, `ema_loss`)."""
+  result = evaluate(eval_fn, state.params, dataset, mesh)
+  if state.ema_params is not None:
+    ema = evaluate(eval_fn, state.ema_params, dataset, mesh)
+    result.update({f'ema_{k}': v for k, v in ema.items()})
+  logger.scalars(step, {f'eval/{k}': v for k, v in result.items() if k.endswith(('accuracy', 'loss'))})
+  logging.info('step %d: eval %s', step, ', '.join(
+      f'{k} {v:.4f}' for k, v in result.items() if k.endswith(('accuracy', 'loss'))))
+  return result

@@ -1,0 +1,95 @@
+"""Our weights in timm: the exported state_dict, loaded into timm's VisionTransformer, gives our logits.
+
+torch and timm come with the `torch` extra. Without them these tests skip, unless VIT_JAX_REQUIRE_TORCH=1
+(set by CI, which installs the extra), where a missing install fails instead of hiding.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_main
+from vit_jax import checkpoints
+from vit_jax import config_lib
+from vit_jax import models
+
+if os.environ.get('VIT_JAX_REQUIRE_TORCH') == '1':
+  import timm  # pylint: disable=unused-import
+  import torch
+else:
+  torch = pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+
+from vit_jax import timm_layout  # pylint: disable=g-import-not-at-top
+
+
+def _timm_logits(timm_model, images: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return timm_model(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)).numpy()  # NHWC -> NCHW
+
+
+@pytest.mark.parametrize('name,overrides,image_size', [
+    ('ViT-mu/4', dict(classifier='token', posemb='learn_1d'), 32),
+    ('ViT-mu/4', dict(classifier='gap', posemb='sincos_2d'), 32),
+    ('ViT-mu/4', dict(classifier='token', posemb='learn_2d'), 24),
+    ('ViT-mu/4', dict(classifier='gap', posemb='none'), 16),
+    ('R50+ViT-B/16', dict(hidden_size=64, mlp_dim=128, num_heads=4, resnet_layers=(1, 2, 1)), 64),
+])
+def test_timm_model_with_our_weights_gives_our_logits(name, overrides, image_size):
+  model = models.get_model(name, 7, num_layers=2, **overrides)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (3, image_size, image_size, 3), minval=-1, maxval=1)
+  params = model.init(jax.random.PRNGKey(0), images)['params']
+  # Perturb every weight (the head starts at zero, GroupNorm scales at zero) so all of them matter.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  ours = np.asarray(model.apply({'params': params}, images))
+  table = timm_layout.added_position_embeddings(model, params, image_size)
+  theirs = _timm_logits(timm_layout.create_model(params, image_size, table), images)
+  assert np.abs(ours).max() > 0.1
+  np.testing.assert_allclose(theirs, ours, atol=2e-5 * np.abs(ours).max() + 1e-6)
+  assert not np.allclose(theirs[0], theirs[1])  # Different images, different logits.
+
+
+def test_state_dict_uses_timm_key_names_and_rejects_a_pre_logits_layer():
+  model = models.get_model('ViT-mu/4', 10, num_layers=1)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  weights = timm_layout.state_dict(params)
+  expected = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=10, depth=1,
+                               embed_dim=128, num_heads=4, mlp_ratio=2.0, img_size=16, patch_size=4)
+  assert {k: tuple(v.shape) for k, v in weights.items()} == {
+      k: tuple(v.shape) for k, v in expected.state_dict().items()}
+  with_pre_logits = models.get_model('ViT-mu/4', 10, num_layers=1, representation_size=32)
+  params = with_pre_logits.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  with pytest.raises(ValueError, match='pre-logits'):
+    timm_layout.state_dict(params)
+
+
+def test_export_torch_command_writes_a_state_dict_timm_loads(tmp_path, data_dir):
+  """A trained workdir (with a moving average) -> `--format torch` -> timm gives our model's logits."""
+  workdir = tmp_path / 'run'
+  run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
+           '--config.total_steps=20', '--config.ema_decay=0.9', '--config.model.classifier=token')
+  exported = {}
+  for which in ('auto', 'raw'):
+    out = tmp_path / f'{which}.pth'
+    result = subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={workdir}', f'--out={out}',
+                             '--format=torch', f'--params={which}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'as a timm state_dict' in result.stdout
+    exported[which] = torch.load(out)
+  params, _ = checkpoints.restore_params(str(workdir))  # The moving average: the run kept one.
+  config = config_lib.load_workdir_config(str(workdir))
+  model = models.from_config(config, num_classes=10)
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+  ours = np.asarray(model.apply({'params': params}, images))
+  timm_model = timm_layout.create_model(params, config.image_size)
+  timm_model.load_state_dict(exported['auto'])  # The file, not the in-memory conversion.
+  np.testing.assert_allclose(_timm_logits(timm_model, images), ours, atol=1e-5 * np.abs(ours).max())
+  raw, _ = checkpoints.restore_params(str(workdir), ema=False)
+  assert np.array_equal(exported['raw']['head.weight'].numpy(), raw['head']['kernel'].T)
+  assert not np.array_equal(exported['raw']['head.weight'].numpy(), exported['auto']['head.weight'].numpy())
