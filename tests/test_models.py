@@ -135,6 +135,24 @@ def test_attention_weights_are_sown_and_normalised():
   np.testing.assert_allclose(np.sum(weights, -1), 1.0, rtol=1e-5)
 
 
+def test_fused_attention_and_matmul_patch_embedding_compute_the_textbook_function():
+  """Without 'intermediates' the model takes the fused attention kernel; with it, the explicit einsums. Both
+  agree, and the patch embedding equals a strided convolution with the published (P, P, C, D) kernel."""
+  model = models.get_model('ViT-mu/4', 10, num_layers=2, classifier='token')
+  images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  params = jax.tree.map(lambda x: x + 0.05, variables['params'])  # A non-zero head.
+  fused = model.apply({'params': params}, images)
+  explicit, _ = model.apply({'params': params}, images, mutable=['intermediates'])
+  np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(fused).max()) > 0.1
+  kernel, bias = params['embedding']['kernel'], params['embedding']['bias']
+  conv = jax.lax.conv_general_dilated(images, kernel, (4, 4), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+  embedded = models.PatchEmbedding(128, 4).apply({'params': params['embedding']}, images)
+  np.testing.assert_allclose(embedded, conv, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_variant_lists_the_known_ones():
   with pytest.raises(ValueError, match=r'Unknown model variant .*ViT-X/16.*ViT-B/16.*R50\+ViT-B/16'):
     models.get_model('ViT-X/16', num_classes=10)

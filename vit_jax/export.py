@@ -41,13 +41,9 @@ def save_torch(params, config, path: str) -> str:
   tmp_path = path + '.tmp'
   torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path)
   os.replace(tmp_path, path)
-  return (f'timm_layout.create_model(params, image_size={config.image_size}) or timm VisionTransformer('
-          f'img_size={config.image_size}, patch_size={info["patch_size"]}, embed_dim={info["embed_dim"]}, '
-          f'depth={info["depth"]}, num_heads={info["num_heads"]}, mlp_ratio={info["mlp_ratio"]}, '
-          f'num_classes={info["num_classes"]}, in_chans={info["in_chans"]}, '
-          f'class_token={info["class_token"]}, global_pool={"token" if info["class_token"] else "avg"!r}, '
-          f'fc_norm=False)' + (' with a ResNetV2 HybridEmbed stem (see vit_jax/timm_layout.py)'
-                               if info['hybrid'] else ''))
+  kwargs = ', '.join(f'{k}={v!r}' for k, v in timm_layout.timm_kwargs(info, config.image_size).items())
+  stem = ' plus the ResNetV2 stem that vit_jax.timm_layout.create_model adds' if info['hybrid'] else ''
+  return f'timm.models.vision_transformer.VisionTransformer({kwargs}){stem}'
 
 
 def main(argv):

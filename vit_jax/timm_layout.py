@@ -132,28 +132,31 @@ def added_position_embeddings(model: models.VisionTransformer, params: Any, imag
   return np.asarray(layer.apply({'params': learned} if learned else {}, tokens))
 
 
+def timm_kwargs(info: Dict[str, Any], image_size: int) -> Dict[str, Any]:
+  """Arguments of timm's `VisionTransformer` for a model `describe`d as `info` (plain JSON values; the hybrid
+  also needs its ResNet stem, which `create_model` adds)."""
+  return dict(img_size=image_size, patch_size=int(info['patch_size']), embed_dim=int(info['embed_dim']),
+              depth=info['depth'], num_heads=int(info['num_heads']), mlp_ratio=float(info['mlp_ratio']),
+              num_classes=int(info['num_classes']), in_chans=int(info['in_chans']),
+              class_token=info['class_token'],
+              # GAP: our final LayerNorm comes before the pooling: timm's `norm`, without `fc_norm`.
+              global_pool='token' if info['class_token'] else 'avg', fc_norm=False)
+
+
 def create_model(params: Any, image_size: int, position_embeddings: np.ndarray = None):
   """timm's `VisionTransformer` computing the same function as our model with `params` (eval mode, float32)."""
-  import timm  # pylint: disable=g-import-not-at-top  (optional dependency: the `torch` extra)
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional dependency: the `torch` extra)
   from timm.layers import GroupNormAct, StdConv2dSame  # pylint: disable=g-import-not-at-top
   from timm.models import resnetv2, vision_transformer, vision_transformer_hybrid  # pylint: disable=g-import-not-at-top
   info = describe(params)
-  kwargs = dict(img_size=image_size, embed_dim=info['embed_dim'], depth=info['depth'],
-                num_heads=info['num_heads'], mlp_ratio=info['mlp_ratio'], num_classes=info['num_classes'],
-                in_chans=info['in_chans'], class_token=info['class_token'],
-                # GAP: our final LayerNorm comes before the pooling, which is timm's `norm` without `fc_norm`.
-                global_pool='token' if info['class_token'] else 'avg', fc_norm=False)
+  kwargs = timm_kwargs(info, image_size)
   if info['hybrid']:
     backbone = resnetv2.ResNetV2(
         layers=list(info['resnet_layers']), num_classes=0, global_pool='', in_chans=info['in_chans'],
         preact=False, stem_type='same', width_factor=info['width_factor'],
         conv_layer=functools.partial(StdConv2dSame, eps=STD_CONV_EPS),
         norm_layer=functools.partial(GroupNormAct, num_groups=32, eps=GROUP_NORM_EPS))
-    kwargs.update(patch_size=info['patch_size'], embed_layer=functools.partial(
-        vision_transformer_hybrid.HybridEmbed, backbone=backbone))
-  else:
-    kwargs['patch_size'] = info['patch_size']
+    kwargs['embed_layer'] = functools.partial(vision_transformer_hybrid.HybridEmbed, backbone=backbone)
   model = vision_transformer.VisionTransformer(**kwargs)
   weights = state_dict(params, position_embeddings)
   model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)

@@ -18,12 +18,10 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax import checkpoints
 from vit_jax import config_lib
-from vit_jax import input_pipeline
 from vit_jax import models
 
 
@@ -318,6 +316,8 @@ class ProgressLogger:
     self.enabled = jax.process_index() == 0
     self.num_steps, self.batch_size = num_steps, batch_size
     self.last_step, self.last_time = start_step, time.perf_counter()
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see train_and_evaluate)
+    self.summary = tf.summary
     self.writer = tf.summary.create_file_writer(workdir) if self.enabled else None
 
   def scalars(self, step: int, scalars: Dict[str, float]) -> None:
@@ -325,7 +325,7 @@ class ProgressLogger:
       return
     with self.writer.as_default():
       for name, value in scalars.items():
-        tf.summary.scalar(name, value, step=step)
+        self.summary.scalar(name, value, step=step)
     self.writer.flush()
 
   def train_metrics(self, step: int, metrics: Dict[str, float]) -> None:
@@ -395,6 +395,9 @@ def init_from_pretrained(run: TrainSetup, config: ml_collections.ConfigDict) -> 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains from scratch (or resumes from the latest checkpoint in `workdir`), then evaluates."""
+  # TensorFlow (tf.data, summaries) is imported only here: the steps above run without it (benchmarks, and
+  # processes that use PyTorch, whose triton crashes when loaded after TensorFlow).
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   if config.init_from == '':  # pylint: disable=g-explicit-bool-comparison
     raise ValueError('This config fine-tunes pretrained weights: set --config.init_from to a published-layout '
                      '.npz (e.g. ViT-B_16.npz) or to the workdir of a vit_jax run.')
