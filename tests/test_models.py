@@ -144,7 +144,7 @@ def test_fused_attention_and_matmul_patch_embedding_compute_the_textbook_functio
   params = jax.tree.map(lambda x: x + 0.05, variables['params'])  # A non-zero head.
   fused = model.apply({'params': params}, images)
   explicit, _ = model.apply({'params': params}, images, mutable=['intermediates'])
-  np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fused, explicit, rtol=1e-4, atol=1e-5)  # Summation order differs.
   assert float(jnp.abs(fused).max()) > 0.1
   kernel, bias = params['embedding']['kernel'], params['embedding']['bias']
   conv = jax.lax.conv_general_dilated(images, kernel, (4, 4), 'VALID',

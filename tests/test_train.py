@@ -100,3 +100,12 @@ def test_moving_average_of_the_parameters_follows_the_polyak_update():
   assert train.setup(_small_config(), mesh, 10, 100, 1).abstract_state.ema_params is None  # Off: no copy.
   with pytest.raises(ValueError, match='ema_decay'):
     train.setup(_small_config(ema_decay=1.0), mesh, num_classes=10, num_steps=100, channels=1)
+
+
+def test_prefetch_to_mesh_keeps_order_and_yields_every_batch_on_the_devices():
+  mesh = train.make_mesh(_small_config().mesh)
+  batches = [{'image': np.full((4, 2), i, np.float32), 'label': np.full((4,), i, np.int32)} for i in range(5)]
+  out = list(train.prefetch_to_mesh(iter(batches), mesh, size=2))
+  assert [int(b['label'][0]) for b in out] == [0, 1, 2, 3, 4]
+  assert all(isinstance(b['image'], jax.Array) and b['image'].sharding == train.batch_sharding(mesh)
+             for b in out)

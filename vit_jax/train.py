@@ -4,10 +4,11 @@ The steps are jitted over a device `Mesh` with `data` and `fsdp` axes: the batch
 parameters and their optimizer state along `fsdp`. The same code runs on one CPU device, on simulated devices
 and on a pod.
 """
+import collections
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 from absl import logging
 import flax
@@ -237,6 +238,18 @@ def to_global_batch(local_batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str,
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def prefetch_to_mesh(batches: Iterator[Dict[str, np.ndarray]], mesh: Mesh, size: int = 2):
+  """Yields global batches already on their devices, `size` ahead: the copy of the next batch overlaps the
+  running step (steps are dispatched asynchronously), so the devices never wait for the host."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(to_global_batch(batch, mesh))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
 def jit_train_step(model, optimizer, config, mesh: Mesh, state_sharding) -> Callable:
   """`train_step` jitted with explicit shardings: state sharded as given, batch split, input state donated."""
   step = lambda state, batch: train_step(state, batch, model=model, optimizer=optimizer,
@@ -431,13 +444,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   eval_ds = input_pipeline.eval_dataset(builder, config, local_eval_batch, info.num_eval_examples)
   train_iter = input_pipeline.train_dataset(builder, config, input_pipeline.process_batch_size(
       config.batch_size), start_step=start_step)
+  device_batches = prefetch_to_mesh(train_iter, mesh)
 
   logger = ProgressLogger(workdir, num_steps, config.batch_size, start_step)
   train_metrics, summary = [], {}
   step = start_step
   with mesh:
     for step in range(start_step + 1, num_steps + 1):
-      state, metrics = train_fn(state, to_global_batch(next(train_iter), mesh))
+      state, metrics = train_fn(state, next(device_batches))
       train_metrics.append(metrics)
       if step == start_step + 1:
         logger.restart_clock(step)  # The first step includes compilation.
