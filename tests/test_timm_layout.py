@@ -47,7 +47,7 @@ def test_timm_model_with_our_weights_gives_our_logits(name, overrides, image_siz
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   ours = np.asarray(model.apply({'params': params}, images))
-  table = timm_layout.added_position_embeddings(model, params, image_size)
+  table = models.position_embedding_table(model, params, image_size)
   theirs = _timm_logits(timm_layout.create_model(params, image_size, table), images)
   assert np.abs(ours).max() > 0.1
   np.testing.assert_allclose(theirs, ours, atol=2e-5 * np.abs(ours).max() + 1e-6)

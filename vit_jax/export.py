@@ -35,7 +35,7 @@ def save_torch(params, config, path: str) -> str:
   import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
   from vit_jax import timm_layout  # pylint: disable=g-import-not-at-top
   model = models.from_config(config, params['head']['kernel'].shape[-1])
-  table = timm_layout.added_position_embeddings(model, params, config.image_size)
+  table = models.position_embedding_table(model, params, config.image_size)
   weights = timm_layout.state_dict(params, table)
   info = timm_layout.describe(params)
   tmp_path = path + '.tmp'

@@ -10,6 +10,7 @@ import dataclasses
 import re
 from typing import Any, Optional, Sequence, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,17 @@ def from_config(config, num_classes: int) -> 'VisionTransformer':
   """The model a run's config describes (`config.model` fields, `config.dtype`)."""
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
   return get_model(config.model.name, num_classes, dtype=jnp.dtype(config.dtype), **overrides)
+
+
+def position_embedding_table(model: 'VisionTransformer', params, image_size: int) -> np.ndarray:
+  """The (1, tokens, D) table `model` adds to its tokens at `image_size` ([CLS] row included), whatever its
+  `posemb` kind: the learned table, the 2-D one assembled from rows and columns, the fixed one, or zeros."""
+  grid = model.token_grid((image_size, image_size))
+  num_prefix = 1 if model.classifier == 'token' else 0
+  layer = AddPositionEmbs(kind=model.posemb, grid=grid, num_prefix_tokens=num_prefix)
+  tokens = jnp.zeros((1, num_prefix + grid[0] * grid[1], model.hidden_size))
+  learned = unstack_layers(flax.core.unfreeze(params))['Transformer'].get('posembed_input', {})
+  return np.asarray(layer.apply({'params': learned} if learned else {}, tokens))
 
 
 def sincos_2d(grid: Tuple[int, int], dim: int, temperature: float = 10_000.) -> np.ndarray:

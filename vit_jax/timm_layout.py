@@ -23,7 +23,6 @@ from typing import Any, Dict, Tuple
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
@@ -67,7 +66,7 @@ def describe(params: Any) -> Dict[str, Any]:
 
 def state_dict(params: Any, position_embeddings: np.ndarray = None) -> Dict[str, np.ndarray]:
   """timm `state_dict` (numpy arrays) of our parameters. `position_embeddings`: the table our model adds,
-  (1, tokens, D), needed only when it has no learned 1-D `pos_embedding` (`added_position_embeddings`)."""
+  (1, tokens, D), needed only when it has no learned 1-D `pos_embedding` (`models.position_embedding_table`)."""
   info = describe(params)
   params = jax.tree.map(np.asarray, models.unstack_layers(flax.core.unfreeze(params)))
   out = {}
@@ -76,7 +75,7 @@ def state_dict(params: Any, position_embeddings: np.ndarray = None) -> Dict[str,
     out['pos_embed'] = blocks['posembed_input']['pos_embedding']
   elif position_embeddings is None:
     raise ValueError('This model adds fixed or 2-D position embeddings: pass the table it adds '
-                     '(timm_layout.added_position_embeddings).')
+                     '(models.position_embedding_table).')
   else:
     out['pos_embed'] = np.asarray(position_embeddings)
   if info['class_token']:
@@ -120,16 +119,6 @@ def state_dict(params: Any, position_embeddings: np.ndarray = None) -> Dict[str,
           out[f'{name}.{their_norm}.weight'] = unit[norm]['scale']
           out[f'{name}.{their_norm}.bias'] = unit[norm]['bias']
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-
-
-def added_position_embeddings(model: models.VisionTransformer, params: Any, image_size: int) -> np.ndarray:
-  """The (1, tokens, D) table the model adds to its tokens ([CLS] row included), whatever its `posemb`."""
-  grid = model.token_grid((image_size, image_size))
-  num_prefix = 1 if model.classifier == 'token' else 0
-  layer = models.AddPositionEmbs(kind=model.posemb, grid=grid, num_prefix_tokens=num_prefix)
-  tokens = jnp.zeros((1, num_prefix + grid[0] * grid[1], model.hidden_size))
-  learned = models.unstack_layers(flax.core.unfreeze(params))['Transformer'].get('posembed_input', {})
-  return np.asarray(layer.apply({'params': learned} if learned else {}, tokens))
 
 
 def timm_kwargs(info: Dict[str, Any], image_size: int) -> Dict[str, Any]:
