@@ -35,6 +35,7 @@ setuptools.setup(
     ],
     extras_require={
         'torch': TORCH,
-        'test': ['pytest>=8.0', 'pytest-timeout>=2.3', *TORCH],
+        # nbclient + ipykernel: the notebooks run in the test suite.
+        'test': ['pytest>=8.0', 'pytest-timeout>=2.3', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29', *TORCH],
     },
 )

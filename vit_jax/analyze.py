@@ -15,9 +15,7 @@ import os
 from absl import app
 from absl import flags
 import jax
-import matplotlib
-matplotlib.use('Agg')  # Files only; no display needed.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import matplotlib.pyplot as plt  # Without a display, matplotlib picks its file-only backend itself.
 import numpy as np
 
 from vit_jax import analysis
