@@ -99,8 +99,66 @@ def test_classifiers_and_position_embeddings_run(classifier, posemb):
   tokens = 12 + has_cls
   expected = {'learn_1d': {'pos_embedding': (1, tokens, 32)},
               'learn_2d': {'pos_embedding_row': (4, 16), 'pos_embedding_col': (3, 16)},
-              'sincos_2d': {}, 'none': {}}[posemb]
+              'sincos_2d': {}, 'relative': {}, 'none': {}}[posemb]
   assert {k: v.shape for k, v in posemb_params.items()} == expected
+  attention = variables['params']['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']
+  # 'relative': one bias per head for each of the (2*4-1) x (2*3-1) offsets, and one for pairs with [CLS].
+  relative = {'relative_position_bias': (7 * 5 + 1, 4)} if posemb == 'relative' else {}
+  assert {k: v.shape for k, v in attention.items() if k.startswith('relative')} == relative
+
+
+def test_relative_offset_index_numbers_2d_offsets():
+  index = models.relative_offset_index((2, 3), num_prefix_tokens=1)
+  assert index.shape == (7, 7)
+  assert np.all(index[0] == 15) and np.all(index[:, 0] == 15)  # (2*2-1) * (2*3-1) = 15: the [CLS] bucket.
+  patches = index[1:, 1:]
+  # Pairs with the same 2-D offset share an entry, pairs with different offsets do not.
+  positions = [(r, c) for r in range(2) for c in range(3)]
+  offsets = {}
+  for q, (qr, qc) in enumerate(positions):
+    for k, (kr, kc) in enumerate(positions):
+      offsets.setdefault((qr - kr, qc - kc), set()).add(int(patches[q, k]))
+  assert all(len(ids) == 1 for ids in offsets.values())
+  assert len({next(iter(ids)) for ids in offsets.values()}) == len(offsets) == 15
+  assert patches[0, 0] == patches[5, 5] == 7  # Offset (0, 0) sits in the middle of the table.
+
+
+def test_relative_position_bias_acts_on_attention():
+  """Zero biases (the initialisation) leave the model patch-permutation invariant like 'none'; learned ones
+  make the output depend on where patches are, in the fused and the explicit attention alike."""
+  images = jax.random.uniform(jax.random.PRNGKey(1), (1, 16, 16, 3), minval=-1, maxval=1)
+  shuffled = images.reshape(1, 4, 4, 4, 4, 3)[:, ::-1].reshape(1, 16, 16, 3)  # Rows of patches reversed.
+  model = _tiny(classifier='gap', posemb='relative')
+  params = model.init(jax.random.PRNGKey(0), images)['params']
+  params['head']['kernel'] = jax.random.normal(jax.random.PRNGKey(3), params['head']['kernel'].shape)
+  np.testing.assert_allclose(model.apply({'params': params}, images), model.apply({'params': params}, shuffled),
+                             atol=1e-5)
+  for i in range(2):
+    attention = params['Transformer'][f'encoderblock_{i}']['MultiHeadDotProductAttention_1']
+    bias = attention['relative_position_bias']
+    attention['relative_position_bias'] = jax.random.normal(jax.random.PRNGKey(4 + i), bias.shape)
+  fused = model.apply({'params': params}, images)
+  assert not np.allclose(fused, model.apply({'params': params}, shuffled), atol=1e-3)
+  explicit, _ = model.apply({'params': params}, images, mutable=['intermediates'])
+  np.testing.assert_allclose(fused, explicit, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_baseline_layout_and_errors():
+  model = models.get_model('BiT-R26x1', num_classes=10)
+  params = _abstract_params(model, 32, channels=1)
+  flat = {'/'.join(k): v.shape for k, v in flax.traverse_util.flatten_dict(params).items()}
+  assert flat['conv_root/kernel'] == (7, 7, 1, 64)
+  assert flat['block4/unit2/conv3/kernel'] == (1, 1, 512, 2048) and 'block4/unit3/conv1/kernel' not in flat
+  assert flat['head/kernel'] == (2048, 10)
+  small = models.get_model('BiT-R26x1', num_classes=3, resnet_layers=(1, 1))
+  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1), minval=-1, maxval=1)
+  variables = small.init(jax.random.PRNGKey(0), images)
+  assert np.all(np.asarray(small.apply(variables, images)) == 0)  # Zero-initialised head.
+  assert 'block3' not in variables['params']
+  with pytest.raises(ValueError, match=r'BiT-R26x1 is a ResNet.*hidden_size'):
+    models.get_model('BiT-R26x1', num_classes=3, hidden_size=64)
+  with pytest.raises(ValueError, match='Unknown ResNet depth.*resnet_layers'):
+    models.get_model('BiT-R27x1', num_classes=3)
 
 
 def test_position_embeddings_change_the_output_unless_none():

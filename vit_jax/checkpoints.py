@@ -139,7 +139,9 @@ def adapt_to_model(pretrained: Dict[str, Any], init_params: Any, grid: Tuple[int
       problems.append(f'{key}: checkpoint {value.shape} vs model {init_value.shape}')
       continue
     out[key] = value.astype(init_value.dtype)
-  unused = sorted(k for k in pretrained if k not in target and not k.startswith(('pre_logits/', 'head/')))
+  # Dropped on purpose: the pretraining head, and masked patch prediction's [mask] embedding and colour head.
+  dropped = ('pre_logits/', 'head/', 'mask_token', 'mpp_head/')
+  unused = sorted(k for k in pretrained if k not in target and not k.startswith(dropped))
   problems += [f'{key}: in the checkpoint, not in the model' for key in unused]
   if problems:
     raise CheckpointError('The checkpoint does not fit the model (is it another variant?):\n  ' +

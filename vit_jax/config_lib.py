@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name='ViT-B/16',
       classifier='token',  # 'token' ([CLS]) or 'gap'.
-      posemb='learn_1d',  # 'learn_1d', 'learn_2d', 'sincos_2d' or 'none'.
+      posemb='learn_1d',  # 'learn_1d', 'learn_2d', 'sincos_2d', 'relative' or 'none'.
       representation_size=config_dict.placeholder(int),  # The pre-logits layer; None: no such layer.
       dropout_rate=0.0,
       attention_dropout_rate=0.0,
@@ -60,6 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
   # `keep_head` and the class count matches; position embeddings are resized to the new resolution.
   config.init_from = config_dict.placeholder(str)
   config.keep_head = False
+
+  # What to learn: 'classification' (labels), or 'masked_patches': self-supervised masked patch prediction
+  # (paper Sec. 4.6; labels unused, the eval metric is the accuracy of the predicted patch colours).
+  config.objective = 'classification'
+  config.mpp = ml_collections.ConfigDict(dict(
+      corrupt_fraction=0.5,  # Patches corrupted per image; of those:
+      mask_prob=0.8,  # replaced by the learned [mask] embedding,
+      random_prob=0.1,  # replaced by a random other patch's embedding (the rest stay as they are).
+  ))
 
   # Optimisation. `total_steps` wins over `num_epochs` when both are set.
   config.batch_size = 4096
@@ -89,14 +98,34 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """The `get_config()` of a config file, as `--config path` would load it (for scripts and tests)."""
+def load_config_module(path: str):
+  """A config file as a Python module (its `get_config()` and any tables it defines, e.g. `STUDIES`)."""
   spec = importlib.util.spec_from_file_location(f'vit_jax_config_{abs(hash(path))}', path)
   if spec is None or not os.path.exists(path):
     raise FileNotFoundError(f'Config file {path!r} not found.')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """The `get_config()` of a config file, as `--config path` would load it (for scripts and tests)."""
+  return load_config_module(path).get_config()
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields replaced (`{'model.posemb': 'none', 'lr': 3e-4}`), as the
+  command line's `--config.model.posemb=none` would; unknown fields are an error."""
+  config = config.copy_and_resolve_references()
+  for dotted, value in overrides.items():
+    *parents, name = dotted.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if name not in node:
+      raise KeyError(f'Unknown config field {dotted!r}.')
+    node[name] = value
+  return config
 
 
 WORKDIR_CONFIG = 'config.json'

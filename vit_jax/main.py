@@ -67,8 +67,13 @@ def main(argv):
   initialize_distributed()
   workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
   result = train.train_and_evaluate(_CONFIG.value, workdir)
-  print(f'Final test accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} on '
-        f'{_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} steps.', flush=True)
+  if _CONFIG.value.objective == 'masked_patches':
+    print(f'Final masked-patch colour accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} '
+          f'corrupted patches of {_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} '
+          f'steps.', flush=True)
+  else:
+    print(f'Final test accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} on '
+          f'{_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} steps.', flush=True)
   if 'ema_accuracy' in result:
     print(f'Final test accuracy of the moving average (ema_decay {_CONFIG.value.ema_decay}): '
           f'{result["ema_accuracy"]:.4f}.', flush=True)

@@ -33,7 +33,9 @@ PAPER_VARIANTS = ('ViT-Ti/16', 'ViT-S/16', 'ViT-S/32', 'ViT-B/16', 'ViT-B/32', '
                   'ViT-L/32', 'ViT-H/14', 'R50+ViT-B/16')
 # Hybrid stems: ResNet-50 with stage 4 removed and stage 3 lengthened (paper Appendix B.1).
 RESNET_STEMS = {'R50': (3, 4, 9)}
-POSEMB_KINDS = ('learn_1d', 'learn_2d', 'sincos_2d', 'none')
+# 'relative': no absolute embedding; each attention layer adds a learned bias per head and 2-D offset between
+# the query and key patches to its logits (paper Appendix D.4).
+POSEMB_KINDS = ('learn_1d', 'learn_2d', 'sincos_2d', 'relative', 'none')
 CLASSIFIERS = ('token', 'gap')
 
 _VARIANT_RE = re.compile(r'^(?:(?P<stem>R\d+)\+)?(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<patch>\d+)$')
@@ -45,7 +47,8 @@ def parse_variant(name: str) -> dict:
   if not match or match['size'] not in SIZES or (match['stem'] and match['stem'] not in RESNET_STEMS):
     raise ValueError(
         f'Unknown model variant {name!r}. Known variants: {", ".join(PAPER_VARIANTS)}; in general '
-        f'"[R50+]ViT-<size>/<patch>" with size one of {", ".join(SIZES)}.')
+        f'"[R50+]ViT-<size>/<patch>" with size one of {", ".join(SIZES)}; ResNet baselines '
+        f'"BiT-R<depth>x<width>" (depth {", ".join(map(str, resnet.DEPTHS))}).')
   hidden_size, mlp_dim, num_heads, num_layers = SIZES[match['size']]
   kwargs = dict(hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
                 patch_size=int(match['patch']))
@@ -59,8 +62,33 @@ def parse_variant(name: str) -> dict:
   return kwargs
 
 
-def get_model(name: str, num_classes: int, **overrides) -> 'VisionTransformer':
-  """Builds a variant by name; `overrides` replace any field (e.g. `classifier='gap'`, `num_layers=2`)."""
+# The CNN baselines: BiT ResNets "BiT-R<depth>x<width>" (e.g. BiT-R50x1); `resnet_layers` overrides the depth.
+_RESNET_RE = re.compile(r'^BiT-R(?P<depth>\d+)x(?P<width>\d+)$')
+# Options of the ViT that a ResNet does not have: setting one for a ResNet is an error, not ignored.
+_VIT_ONLY = ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers', 'representation_size')
+
+
+def _get_resnet(match, num_classes: int, overrides: dict) -> resnet.ResNet:
+  given = sorted(k for k in _VIT_ONLY if overrides.get(k) is not None)
+  given += [k for k in ('remat', 'scan') if overrides.get(k)]
+  given += [k for k in ('dropout_rate', 'attention_dropout_rate') if overrides.get(k)]
+  if given:
+    raise ValueError(f'{match[0]} is a ResNet: the ViT options {given} do not apply to it; unset them.')
+  layers = overrides.get('resnet_layers') or resnet.DEPTHS.get(int(match['depth']))
+  if layers is None:
+    raise ValueError(f'Unknown ResNet depth in {match[0]!r}: known depths {sorted(resnet.DEPTHS)}, or set '
+                     f'resnet_layers (units per stage).')
+  return resnet.ResNet(num_classes=num_classes, num_layers=tuple(layers),
+                       width_factor=overrides.get('resnet_width') or int(match['width']),
+                       dtype=overrides.get('dtype', jnp.float32))
+
+
+def get_model(name: str, num_classes: int, **overrides) -> nn.Module:
+  """Builds a variant by name; `overrides` replace any field (e.g. `classifier='gap'`, `num_layers=2`).
+  "BiT-R<depth>x<width>" builds the ResNet baseline instead (`resnet_layers`, `resnet_width`, `dtype`)."""
+  resnet_match = _RESNET_RE.match(name.strip())
+  if resnet_match:
+    return _get_resnet(resnet_match, num_classes, overrides)
   kwargs = parse_variant(name)
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
   field_names = {f.name for f in dataclasses.fields(VisionTransformer)}
@@ -71,7 +99,7 @@ def get_model(name: str, num_classes: int, **overrides) -> 'VisionTransformer':
   return VisionTransformer(num_classes=num_classes, **kwargs)
 
 
-def from_config(config, num_classes: int) -> 'VisionTransformer':
+def from_config(config, num_classes: int) -> nn.Module:
   """The model a run's config describes (`config.model` fields, `config.dtype`)."""
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
   return get_model(config.model.name, num_classes, dtype=jnp.dtype(config.dtype), **overrides)
@@ -112,7 +140,7 @@ class AddPositionEmbs(nn.Module):
     if self.kind == 'learn_1d':
       # The published layout: one vector per token, [CLS] included, shape (1, N + 1, D).
       return x + self.param('pos_embedding', init, (1, num_tokens, dim)).astype(x.dtype)
-    if self.kind == 'none':
+    if self.kind in ('none', 'relative'):  # 'relative' acts in the attention layers instead.
       return x
     if self.kind == 'learn_2d':
       # Paper Appendix D.4: X- and Y-embeddings of D/2 each, concatenated.
@@ -149,6 +177,17 @@ class PatchEmbedding(nn.Module):
     return patches @ kernel.reshape(-1, self.features).astype(self.dtype) + bias.astype(self.dtype)
 
 
+def relative_offset_index(grid: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:
+  """(N, N) index into a table of (2h-1)(2w-1) + 1 relative-position biases: entry [q, k] numbers the 2-D
+  offset from patch k to patch q on the grid; every pair involving a prefix ([CLS]) token shares the last one."""
+  rows, cols = np.mgrid[:grid[0], :grid[1]]
+  rows, cols = rows.reshape(-1), cols.reshape(-1)
+  offsets = ((rows[:, None] - rows[None] + grid[0] - 1) * (2 * grid[1] - 1) +
+             cols[:, None] - cols[None] + grid[1] - 1)
+  prefix_bucket = (2 * grid[0] - 1) * (2 * grid[1] - 1)
+  return np.pad(offsets, ((num_prefix_tokens, 0), (num_prefix_tokens, 0)), constant_values=prefix_bucket)
+
+
 class MultiHeadSelfAttention(nn.Module):
   """Self-attention with the published parameter layout: query/key/value (D, heads, D/heads), out (heads, D/heads, D).
 
@@ -159,6 +198,9 @@ class MultiHeadSelfAttention(nn.Module):
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  # With posemb 'relative': the (rows, columns) patch grid and the number of prefix tokens before it.
+  relative_grid: Optional[Tuple[int, int]] = None
+  num_prefix_tokens: int = 0
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -167,10 +209,19 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(f'hidden_size {dim} is not divisible by num_heads {self.num_heads}.')
     dense = lambda name: nn.DenseGeneral((self.num_heads, dim // self.num_heads), dtype=self.dtype, name=name)
     query, key, value = dense('query')(x), dense('key')(x), dense('value')(x)
+    bias = None
+    if self.relative_grid is not None:
+      index = relative_offset_index(self.relative_grid, self.num_prefix_tokens)
+      rows, cols = self.relative_grid
+      table = self.param('relative_position_bias', nn.initializers.zeros,
+                         ((2 * rows - 1) * (2 * cols - 1) + 1, self.num_heads))
+      bias = jnp.transpose(table[index], (2, 0, 1))[None].astype(self.dtype)  # (1, heads, N, N)
     if self.is_mutable_collection('intermediates') or (self.dropout_rate > 0 and not deterministic):
       # The weights themselves are wanted (analysis) or dropped out: compute them explicitly.
       query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+      if bias is not None:
+        logits = logits + bias
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
       self.sow('intermediates', 'attention_weights', weights)
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
@@ -178,7 +229,7 @@ class MultiHeadSelfAttention(nn.Module):
     else:
       # The same function, fused: about 1.8x faster on XLA:CPU than the einsums above (measured, ViT-B/16),
       # which transpose q, k and v to (batch, heads, tokens, dim) and back; cuDNN flash attention on GPUs.
-      out = jax.nn.dot_product_attention(query, key, value)
+      out = jax.nn.dot_product_attention(query, key, value, bias=bias)
     return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, name='out')(out)
 
 
@@ -208,13 +259,15 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  relative_grid: Optional[Tuple[int, int]] = None
+  num_prefix_tokens: int = 0
   scanned: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
-    y = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
-                               name='MultiHeadDotProductAttention_1')(y, deterministic)
+    y = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.relative_grid,
+                               self.num_prefix_tokens, name='MultiHeadDotProductAttention_1')(y, deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
     x = x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(y, deterministic)
@@ -249,7 +302,9 @@ class Encoder(nn.Module):
     if self.remat:
       # Argument 2 (`deterministic`; 0 is the module) is a Python bool that selects code, not data.
       block = nn.remat(block, static_argnums=(2,), prevent_cse=not self.scan)
-    block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype)
+    relative_grid = tuple(self.grid) if self.posemb == 'relative' else None
+    block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
+                  relative_grid, self.num_prefix_tokens)
     if self.scan:
       scanned = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
                         split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
@@ -287,6 +342,20 @@ def stack_layers(params):
   return {**params, 'Transformer': encoder}
 
 
+# Masked patch prediction (paper Sec. 4.6) predicts each corrupted patch's mean colour with this many bits per
+# channel: 8**3 = 512 classes for RGB, 8 for grey images.
+MEAN_COLOUR_BITS = 3
+
+
+@flax.struct.dataclass
+class PatchCorruption:
+  """Which patch embeddings to corrupt, per image and patch (batch, num_patches): `mask` ones become the learned
+  [mask] embedding; `replace_with` >= 0 become the embedding at that index of the batch's flattened
+  (batch * num_patches) patches; -1 keeps the patch. `vit_jax.mpp.sample_corruption` draws them."""
+  mask: jax.Array
+  replace_with: jax.Array
+
+
 class VisionTransformer(nn.Module):
   """ViT classifier. Input: images (batch, height, width, channels) in [-1, 1]; output: logits."""
   num_classes: int
@@ -314,7 +383,9 @@ class VisionTransformer(nn.Module):
     return tuple(-(-size // stride) for size in image_size)
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, corruption: Optional[PatchCorruption] = None):
+    """Logits (batch, classes); with `corruption` (masked patch prediction), the mean-colour logits of every
+    patch instead, (batch, patches, 2**(MEAN_COLOUR_BITS * channels)), from the `mpp_head` layer."""
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'Unknown classifier {self.classifier!r}; choose one of {CLASSIFIERS}.')
     if self.posemb not in POSEMB_KINDS:
@@ -335,6 +406,13 @@ class VisionTransformer(nn.Module):
     x = PatchEmbedding(self.hidden_size, self.patch_size, self.dtype, name='embedding')(x)
     batch, grid_h, grid_w, dim = x.shape
     x = x.reshape(batch, grid_h * grid_w, dim)
+    if corruption is not None:
+      if self.resnet_layers is not None:
+        raise ValueError('Masked patch prediction needs image patches as tokens: use a ViT, not a hybrid.')
+      mask_token = self.param('mask_token', nn.initializers.normal(stddev=0.02), (1, 1, dim))
+      swapped = x.reshape(-1, dim)[jnp.maximum(corruption.replace_with, 0)]
+      x = jnp.where(corruption.replace_with[..., None] >= 0, swapped, x)
+      x = jnp.where(corruption.mask[..., None], mask_token.astype(x.dtype), x)
     num_prefix_tokens = 0
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, dim))
@@ -344,6 +422,10 @@ class VisionTransformer(nn.Module):
     x = Encoder(self.num_layers, self.mlp_dim, self.num_heads, self.posemb, (grid_h, grid_w),
                 num_prefix_tokens, self.dropout_rate, self.attention_dropout_rate, self.dtype, self.remat,
                 self.scan, name='Transformer')(x, deterministic=not train)
+    if corruption is not None:
+      num_colours = 2**(MEAN_COLOUR_BITS * images.shape[-1])
+      logits = nn.Dense(num_colours, dtype=self.dtype, name='mpp_head')(x[:, num_prefix_tokens:])
+      return logits.astype(jnp.float32)
     x = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
 
     if self.representation_size is not None:

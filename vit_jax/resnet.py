@@ -3,7 +3,7 @@
 Used as the stem of the hybrid ViT (paper Sec. 3.1, "R50+ViT-B/16"). Module names follow the published
 hybrid checkpoints: `conv_root`, `gn_root`, `block{n}/unit{m}/{conv1,conv2,conv3,conv_proj}`, `gn*`.
 """
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -70,3 +70,24 @@ def resnet_stem(x, num_layers: Sequence[int], width_factor: int = 1):
   for i, num_units in enumerate(num_layers):
     x = ResNetStage(num_units, width * 2**i, 1 if i == 0 else 2, name=f'block{i + 1}')(x)
   return x
+
+
+# Depth -> units per stage of the BiT ResNets (Kolesnikov et al., 2020), the paper's CNN baselines.
+DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+class ResNet(nn.Module):
+  """BiT-style ResNet classifier (the paper's CNN baseline, Sec. 4.1): the hybrid's stem and stages, global
+  average pooling and a zero-initialised head. Input: images in [-1, 1]; output: float32 logits."""
+  num_classes: int
+  num_layers: Sequence[int]
+  width_factor: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    del train  # No dropout or batch statistics: GroupNorm behaves the same in training and evaluation.
+    x = resnet_stem(images.astype(self.dtype), self.num_layers, self.width_factor)
+    x = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='head')(x)
+    return logits.astype(jnp.float32)

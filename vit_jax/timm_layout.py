@@ -71,6 +71,10 @@ def state_dict(params: Any, position_embeddings: np.ndarray = None) -> Dict[str,
   params = jax.tree.map(np.asarray, models.unstack_layers(flax.core.unfreeze(params)))
   out = {}
   blocks = params['Transformer']
+  if any('relative_position_bias' in block.get('MultiHeadDotProductAttention_1', {})
+         for block in blocks.values()):
+    raise ValueError("This model has relative position biases (posemb 'relative'), which timm's "
+                     'VisionTransformer does not have: export it as .npz instead.')
   if 'pos_embedding' in blocks.get('posembed_input', {}):
     out['pos_embed'] = blocks['posembed_input']['pos_embedding']
   elif position_embeddings is None:

@@ -24,6 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vit_jax import checkpoints
 from vit_jax import config_lib
 from vit_jax import models
+from vit_jax import mpp
+
+OBJECTIVES = ('classification', 'masked_patches')
 
 
 @flax.struct.dataclass
@@ -81,8 +84,16 @@ def create_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
-               image_shape: Tuple[int, ...], ema: bool = False) -> TrainState:
-  params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
+               image_shape: Tuple[int, ...], ema: bool = False, masked_patches: bool = False) -> TrainState:
+  """Fresh parameters; `masked_patches`: those of masked patch prediction ([mask] embedding and colour head
+  instead of the classification head)."""
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  options = {}
+  if masked_patches:
+    num_patches = int(np.prod(model.token_grid(image_shape[:2])))
+    options['corruption'] = models.PatchCorruption(mask=jnp.zeros((1, num_patches), bool),
+                                                   replace_with=jnp.full((1, num_patches), -1))
+  params = model.init(rng, images, **options)['params']
   return state_from_params(params, optimizer, ema)
 
 
@@ -101,8 +112,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, label_smoothing: float, dropout_key: jax.Array,
-               accum_steps: int = 1, ema_decay: float = 0.0) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               accum_steps: int = 1, ema_decay: float = 0.0,
+               mpp_config: ml_collections.ConfigDict = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer update on a global batch; returns the new state and the batch's metrics.
+
+  The loss is the classification cross-entropy, or with `mpp_config` (`config.mpp`) that of masked patch
+  prediction on the images alone (labels unused; "accuracy" is then that of the predicted patch colours).
 
   With `accum_steps` > 1 the batch is processed in that many equal micro-batches whose gradients are
   averaged: the same update as one step on the whole batch, with the activation memory of one micro-batch.
@@ -111,6 +126,12 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Modu
   step_key = jax.random.fold_in(dropout_key, state.step)
 
   def loss_fn(params, micro_batch, key):
+    if mpp_config is not None:
+      dropout_key, corruption_key = jax.random.split(key)
+      loss, correct, weight = mpp.losses(model, params, micro_batch['image'], corruption_key, mpp_config,
+                                         train=True, dropout_rng=dropout_key)
+      count = jnp.maximum(jnp.sum(weight), 1.0)
+      return jnp.sum(loss * weight) / count, jnp.sum(correct * weight) / count
     logits = model.apply({'params': params}, micro_batch['image'], train=True, rngs={'dropout': key})
     loss = jnp.mean(cross_entropy(logits, micro_batch['label'], label_smoothing))
     return loss, jnp.mean(jnp.argmax(logits, -1) == micro_batch['label'])
@@ -141,8 +162,15 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Modu
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
 
-def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> Dict[str, jax.Array]:
-  """Sums over the batch (padding masked out), so that metrics add up exactly across batches."""
+def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module,
+              mpp_config: ml_collections.ConfigDict = None) -> Dict[str, jax.Array]:
+  """Sums over the batch (padding masked out), so that metrics add up exactly across batches. With
+  `mpp_config`: over the corrupted patches (a fixed draw), whose mean colour the model predicts."""
+  if mpp_config is not None:
+    loss, correct, weight = mpp.losses(model, params, batch['image'], jax.random.PRNGKey(0), mpp_config,
+                                       train=False)
+    weight = weight * batch['mask'][:, None]
+    return {'correct': jnp.sum(correct * weight), 'loss': jnp.sum(loss * weight), 'count': jnp.sum(weight)}
   logits = model.apply({'params': params}, batch['image'], train=False)
   mask = batch['mask']
   return {'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
@@ -255,20 +283,28 @@ def jit_train_step(model, optimizer, config, mesh: Mesh, state_sharding) -> Call
   step = lambda state, batch: train_step(state, batch, model=model, optimizer=optimizer,
                                          label_smoothing=config.label_smoothing,
                                          dropout_key=jax.random.PRNGKey(config.seed + 1),
-                                         accum_steps=config.accum_steps, ema_decay=config.ema_decay)
+                                         accum_steps=config.accum_steps, ema_decay=config.ema_decay,
+                                         mpp_config=mpp_config(config))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
                  out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(model, mesh: Mesh, params_sharding) -> Callable:
-  return jax.jit(lambda params, batch: eval_step(params, batch, model=model),
+def mpp_config(config: ml_collections.ConfigDict):
+  """`config.mpp` when the run pretrains by masked patch prediction, else None (classification)."""
+  if config.objective not in OBJECTIVES:
+    raise ValueError(f'Unknown objective {config.objective!r}; choose one of {OBJECTIVES}.')
+  return config.mpp if config.objective == 'masked_patches' else None
+
+
+def jit_eval_step(model, mesh: Mesh, params_sharding, config: ml_collections.ConfigDict) -> Callable:
+  return jax.jit(lambda params, batch: eval_step(params, batch, model=model, mpp_config=mpp_config(config)),
                  in_shardings=(params_sharding, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
 def abstract_train_inputs(model, optimizer, image_shape, batch_size: int, mesh: Mesh, min_shard_size: int,
-                          ema: bool = False):
+                          ema: bool = False, masked_patches: bool = False):
   """Shapes and shardings of the train step's arguments, without materialising a single weight."""
-  state = jax.eval_shape(lambda rng: init_state(model, optimizer, rng, image_shape, ema),
+  state = jax.eval_shape(lambda rng: init_state(model, optimizer, rng, image_shape, ema, masked_patches),
                          jax.random.PRNGKey(0))
   shardings = state_shardings(state, mesh, min_shard_size)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -285,6 +321,7 @@ class TrainSetup:
   optimizer: optax.GradientTransformation
   image_shape: Tuple[int, int, int]
   ema: bool
+  masked_patches: bool  # Pretraining by masked patch prediction (config.objective).
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings.
   abstract_batch: Dict[str, jax.ShapeDtypeStruct]
   state_sharding: TrainState
@@ -293,7 +330,8 @@ class TrainSetup:
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """Fresh weights, created directly in their shards (never whole on one device)."""
-    init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape, self.ema),
+    init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape, self.ema,
+                                          self.masked_patches),
                    out_shardings=self.state_sharding)
     return init(rng)
 
@@ -311,15 +349,20 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int, num_s
     raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1): 0 turns the moving average '
                      f'off, the paper used 0.9999.')
   ema = config.ema_decay > 0
+  masked_patches = mpp_config(config) is not None
+  if masked_patches and config.init_from:
+    raise ValueError('Masked patch prediction pretrains from scratch: unset --config.init_from, or fine-tune '
+                     'with --config.objective=classification.')
   # Traces the model: a bad model/image-size combination fails here, with a clear message.
   abstract_state, abstract_batch = abstract_train_inputs(model, optimizer, image_shape, config.batch_size,
-                                                         mesh, config.mesh.min_shard_size, ema)
+                                                         mesh, config.mesh.min_shard_size, ema,
+                                                         masked_patches)
   sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
   return TrainSetup(model=model, optimizer=optimizer, image_shape=image_shape, ema=ema,
-                    abstract_state=abstract_state,
+                    masked_patches=masked_patches, abstract_state=abstract_state,
                     abstract_batch=abstract_batch, state_sharding=sharding,
                     train_fn=jit_train_step(model, optimizer, config, mesh, sharding),
-                    eval_fn=jit_eval_step(model, mesh, sharding.params))
+                    eval_fn=jit_eval_step(model, mesh, sharding.params, config))
 
 
 class ProgressLogger:

@@ -1,0 +1,86 @@
+"""The study runner (`vit_jax.ablate`) and the study table of `configs/ablations.py`."""
+import json
+import os
+
+import matplotlib.image
+import pytest
+
+from conftest import CONFIG_DIR
+from vit_jax import ablate
+from vit_jax import config_lib
+from vit_jax import models
+
+
+def test_every_row_of_every_study_builds_its_model():
+  module = config_lib.load_config_module(os.path.join(CONFIG_DIR, 'ablations.py'))
+  assert set(module.STUDIES) == {'classifier', 'posemb', 'data_scale', 'masked_patches'}
+  assert {row['model.posemb'] for row in module.POSEMB.values()} == set(models.POSEMB_KINDS)
+  base = module.get_config()
+  for study, rows in module.STUDIES.items():
+    slugs = []
+    for label, row in rows.items():
+      fields = {k: v for k, v in row.items() if k not in ablate.PLOT_KEYS}
+      config = config_lib.override(base, fields)  # Raises on a misspelt field.
+      models.count_params(models.from_config(config, 10), config.image_size, channels=1)
+      if config.init_from:  # Fine-tuning rows start from a row that runs before them.
+        assert config.init_from.split('/')[-2] in slugs, (study, label)
+      slugs.append(ablate.slug(label))
+  sizes = [row['train_size'] for row in module.DATA_SCALE.values()]
+  assert all(row['train_split'] == f'train[:{row["train_size"]}]' for row in module.DATA_SCALE.values())
+  assert max(sizes) == 60_000 and len(set(sizes)) >= 3
+
+
+def test_override_is_checked():
+  base = config_lib.load_config_file(os.path.join(CONFIG_DIR, 'default.py'))
+  config = config_lib.override(base, {'model.posemb': 'none', 'lr': 3e-4})
+  assert (config.model.posemb, config.lr, base.model.posemb) == ('none', 3e-4, 'learn_1d')
+  with pytest.raises(KeyError, match='model.posemd'):
+    config_lib.override(base, {'model.posemd': 'none'})
+
+
+STUDY_FILE = '''
+import os
+from vit_jax import config_lib
+
+def get_config():
+  config = config_lib.load_config_file(os.path.join({config_dir!r}, 'digits.py'))
+  config.model.num_layers = 1
+  config.total_steps = 8
+  config.num_epochs = None
+  config.log_every_steps = 4
+  config.data_dir = {data_dir!r}
+  return config
+
+STUDIES = {{'scale': {{
+    'ViT, 300': {{'train_split': 'train[:300]', 'series': 'ViT', 'train_size': 300}},
+    'ViT, 900': {{'train_split': 'train[:900]', 'series': 'ViT', 'train_size': 900}},
+    'ResNet, 300': {{'model.name': 'BiT-R26x1', 'model.resnet_layers': (1,), 'model.num_layers': None,
+                    'train_split': 'train[:300]', 'series': 'ResNet', 'train_size': 300}},
+}}}}
+'''
+
+
+def test_run_study_trains_each_row_writes_table_and_plot_and_resumes(tmp_path, data_dir):
+  config_file = tmp_path / 'study.py'
+  config_file.write_text(STUDY_FILE.format(config_dir=CONFIG_DIR, data_dir=data_dir))
+  out = tmp_path / 'out'
+  lines = ablate.run_study('scale', str(config_file), str(tmp_path / 'runs'), str(out), seeds=[0, 1])
+  assert [line['label'] for line in lines] == ['ViT, 300', 'ViT, 900', 'ResNet, 300']
+  for line in lines:
+    assert set(line['seeds']) == {0, 1} and all(0.0 <= a <= 1.0 for a in line['seeds'].values())
+  assert lines[2]['params'] != lines[0]['params']  # The ResNet row really built a ResNet.
+  record = json.loads((out / 'scale.json').read_text())
+  assert len(record['runs']) == 6 and all(run['steps'] == 8 for run in record['runs'])
+  table = (out / 'scale.md').read_text()
+  assert '| ViT, 900 |' in table and 'seed 1' in table
+  assert matplotlib.image.imread(str(out / 'scale.png')).shape[0] > 100
+  # Run again: finished runs are read back, not trained again.
+  marker = tmp_path / 'runs' / 'scale' / 'vit_300' / 'seed_0' / ablate.RESULT_FILE
+  before = marker.stat().st_mtime
+  again = ablate.run_study('scale', str(config_file), str(tmp_path / 'runs'), str(out), seeds=[0, 1],
+                           rows=['vit_300'])
+  assert marker.stat().st_mtime == before and [line['label'] for line in again] == ['ViT, 300']
+  with pytest.raises(ValueError, match='Unknown rows'):
+    ablate.run_study('scale', str(config_file), str(tmp_path / 'runs'), str(out), [0], rows=['vit_301'])
+  with pytest.raises(ValueError, match='Unknown study'):
+    ablate.run_study('posemb', str(config_file), str(tmp_path / 'runs'), str(out), [0])

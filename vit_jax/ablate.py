@@ -1,0 +1,181 @@
+"""Trains every row of a study (`configs/ablations.py`) for each seed and writes the table of test accuracies.
+
+  python -m vit_jax.ablate --study=posemb --workdir=/tmp/ablate --seeds=0,1 --out=docs/results
+
+Each run is an ordinary `vit_jax.main` run in `<workdir>/<study>/<row>/seed_<n>`: an interrupted study
+resumes (a finished run's result is read back, an unfinished one continues from its checkpoint). Writes `<out>/<study>.json` and `<out>/<study>.md`, and for
+studies over training-set sizes `<out>/<study>.png` (accuracy against size, one line per model).
+"""
+import json
+import os
+import re
+import time
+from typing import Dict, List, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from vit_jax import config_lib
+from vit_jax import models
+
+_STUDY = flags.DEFINE_string('study', None, 'A study of the config file: classifier, posemb, data_scale.')
+_CONFIG = flags.DEFINE_string('config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'ablations.py'),
+                              'Config file with get_config() (the base) and STUDIES (the rows).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the runs go (one workdir per row and seed).')
+_OUT = flags.DEFINE_string('out', None, 'Where the table (and plot) go; default: the study\'s workdir.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds; each row is trained once per seed.')
+_ROWS = flags.DEFINE_list('rows', None, 'Only these rows, by slug (their workdir names, e.g. gap_lr_1e_3).')
+_SET = flags.DEFINE_multi_string('set', [], 'Extra field=value for every row, e.g. --set=total_steps=100.')
+
+# Row keys that describe the row for the plot instead of setting a config field.
+PLOT_KEYS = ('series', 'train_size')
+
+
+def slug(label: str) -> str:
+  return re.sub(r'[^a-z0-9]+', '_', label.lower()).strip('_')
+
+
+def _parse_value(text: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+RESULT_FILE = 'ablate_result.json'
+
+
+def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
+  """Trains one row with one seed in `<study_dir>/<row>/seed_<seed>`, or reads the result of a finished run
+  there. String fields may name other runs of the study: "{study_dir}" and "{seed}" are filled in (e.g.
+  `init_from` of a fine-tuning row pointing at a pretraining row run before it)."""
+  # TensorFlow comes with these: imported only when something is trained.
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = os.path.join(study_dir, slug(label), f'seed_{seed}')
+  result_path = os.path.join(workdir, RESULT_FILE)
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  fields = {k: v.format(study_dir=study_dir, seed=seed) if isinstance(v, str) else v
+            for k, v in row.items() if k not in PLOT_KEYS}
+  config = config_lib.override(base, {**fields, 'seed': seed})
+  start = time.perf_counter()
+  result = train.train_and_evaluate(config, workdir)
+  info = input_pipeline.get_info(input_pipeline.get_builder(config.dataset, config.data_dir), config)
+  num_params = models.count_params(models.from_config(config, info.num_classes), config.image_size,
+                                   info.channels)
+  summary = {'label': label, 'seed': seed, 'accuracy': result['accuracy'], 'steps': result['step'],
+             'wall_s': round(time.perf_counter() - start, 1), 'params': num_params,
+             'objective': config.objective, **{k: row[k] for k in PLOT_KEYS if k in row}}
+  with open(result_path + '.tmp', 'w') as f:
+    json.dump(summary, f)
+  os.replace(result_path + '.tmp', result_path)
+  return summary
+
+
+def summarise(results: List[dict]) -> List[dict]:
+  """One line per row: mean and spread of the accuracy over seeds, in the rows' order."""
+  by_label: Dict[str, List[dict]] = {}
+  for result in results:
+    by_label.setdefault(result['label'], []).append(result)
+  lines = []
+  for label, runs in by_label.items():
+    accuracies = np.array([r['accuracy'] for r in runs])
+    lines.append({'label': label, 'mean': float(accuracies.mean()),
+                  'std': float(accuracies.std(ddof=1)) if len(runs) > 1 else None,
+                  'seeds': {r['seed']: r['accuracy'] for r in runs}, 'params': runs[0]['params'],
+                  'wall_s': float(np.mean([r['wall_s'] for r in runs])), 'objective': runs[0].get('objective'),
+                  **{k: runs[0][k] for k in PLOT_KEYS if k in runs[0]}})
+  return lines
+
+
+def markdown_table(study: str, lines: List[dict], command: str) -> str:
+  seeds = sorted({seed for line in lines for seed in line['seeds']})
+  header = ['row', 'test accuracy (mean)', *[f'seed {s}' for s in seeds], 'parameters', 'wall per run']
+  out = [f'Study `{study}`: `{command}`', '', '| ' + ' | '.join(header) + ' |',
+         '|' + '---|' * len(header)]
+  for line in lines:
+    spread = f' ± {100 * line["std"]:.2f}' if line['std'] is not None else ''
+    label = line['label'] + (' (colour accuracy of masked patches)' if line['objective'] == 'masked_patches'
+                             else '')
+    cells = [label, f'{100 * line["mean"]:.2f}%{spread}',
+             *[f'{100 * line["seeds"][s]:.2f}%' if s in line['seeds'] else '' for s in seeds],
+             f'{line["params"]:,}', f'{line["wall_s"]:.0f} s']
+    out.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(out) + '\n'
+
+
+def plot_data_scale(lines: List[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, axis = plt.subplots(figsize=(5, 3.5))
+  for series in dict.fromkeys(line['series'] for line in lines):
+    points = sorted((line['train_size'], line['mean']) for line in lines if line['series'] == series)
+    axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker='o', label=series)
+  axis.set_xscale('log')
+  axis.set_xlabel('training images')
+  axis.set_ylabel('test accuracy (%)')
+  axis.grid(True, alpha=0.3)
+  axis.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Sequence[int],
+              rows: Sequence[str] = None, extra: dict = None) -> List[dict]:
+  module = config_lib.load_config_module(config_path)
+  if study not in module.STUDIES:
+    raise ValueError(f'Unknown study {study!r}; {config_path} has {", ".join(module.STUDIES)}.')
+  table = module.STUDIES[study]
+  unknown = set(rows or ()) - {slug(label) for label in table}
+  if unknown:
+    raise ValueError(f'Unknown rows {sorted(unknown)} in study {study!r}; it has '
+                     f'{[slug(label) for label in table]}.')
+  base = config_lib.override(module.get_config(), extra or {})
+  results = []
+  for label, row in table.items():
+    if rows and slug(label) not in rows:
+      continue
+    for seed in seeds:
+      logging.info('Study %s: %s, seed %d.', study, label, seed)
+      results.append(run_row(base, label, row, seed, os.path.join(workdir, study)))
+      print(f'{study} | {label} | seed {seed}: test accuracy {results[-1]["accuracy"]:.4f} '
+            f'({results[-1]["wall_s"]:.0f} s)', flush=True)
+  lines = summarise(results)
+  os.makedirs(out, exist_ok=True)
+  command = ' '.join(['python -m vit_jax.ablate', f'--study={study}', f'--seeds={",".join(map(str, seeds))}',
+                      *[f'--set={k}={json.dumps(v)}' for k, v in (extra or {}).items()]])
+  with open(os.path.join(out, f'{study}.json'), 'w') as f:
+    json.dump({'study': study, 'command': command, 'runs': results, 'rows': lines}, f, indent=1)
+  with open(os.path.join(out, f'{study}.md'), 'w') as f:
+    f.write(markdown_table(study, lines, command))
+  if all('train_size' in line for line in lines):
+    plot_data_scale(lines, os.path.join(out, f'{study}.png'))
+  return lines
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  extra = {}
+  for item in _SET.value:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise app.UsageError(f'--set takes field=value, got {item!r}.')
+    extra[key] = _parse_value(value)
+  lines = run_study(_STUDY.value, _CONFIG.value, _WORKDIR.value, _OUT.value or _WORKDIR.value,
+                    [int(s) for s in _SEEDS.value], _ROWS.value, extra)
+  for line in lines:
+    print(f'{line["label"]}: {100 * line["mean"]:.2f}%', flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['study', 'workdir'])
+  app.run(main)
