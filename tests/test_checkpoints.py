@@ -61,6 +61,28 @@ def test_resize_posemb_interpolates_the_grid_and_keeps_cls_apart():
   assert checkpoints.resize_posemb(posemb[:, 1:], (7, 7), 0).shape == (1, 49, dim)  # GAP models: no prefix.
 
 
+def test_relative_position_biases_are_resized_for_a_larger_grid():
+  """A 'relative' model trained on a 4x4 grid fine-tunes on 6x6: the table of 2-D offsets is interpolated,
+  the [CLS] bias kept, and offset (0, 0) stays in the middle."""
+  small = models.get_model('ViT-mu/4', 10, num_layers=1, posemb='relative')
+  large = models.get_model('ViT-mu/4', 3, num_layers=1, posemb='relative')
+  params = _init(small, 16)
+  attention = params['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']
+  dy, dx = np.mgrid[-3:4, -3:4]
+  table = np.concatenate([np.stack([dy.ravel(), dx.ravel(), -dy.ravel(), np.hypot(dy, dx).ravel()], -1),
+                          np.full((1, 4), 9.0)]).astype(np.float32)  # (7*7 + 1, 4 heads): bias = offset.
+  attention['relative_position_bias'] = table
+  adapted = checkpoints.adapt_to_model(params, _init(large, 24), large.token_grid((24, 24)), 1)
+  resized = adapted['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']['relative_position_bias']
+  assert resized.shape == (11 * 11 + 1, 4)
+  assert np.array_equal(resized[-1], table[-1])
+  grid = resized[:-1].reshape(11, 11, 4)
+  np.testing.assert_allclose(grid[5, 5], [0, 0, 0, 0], atol=1e-6)  # Offset (0, 0) in the middle.
+  assert np.all(np.diff(grid[:, 5, 0]) > 0) and np.all(np.diff(grid[5, :, 1]) > 0)  # Still rising in y, x.
+  with pytest.raises(checkpoints.CheckpointError, match='relative position biases'):
+    checkpoints.resize_relative_bias(table[:-2], (6, 6))
+
+
 @pytest.mark.parametrize('name', models.PAPER_VARIANTS)
 def test_every_variant_loads_for_fine_tuning_at_higher_resolution(name, tmp_path):
   """One layer of each variant (per-layer shapes as published): export at 224px with 1000 classes, load into

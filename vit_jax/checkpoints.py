@@ -109,13 +109,27 @@ def resize_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_toke
   return np.concatenate([prefix, resized], axis=1)
 
 
+def resize_relative_bias(table: np.ndarray, new_grid: Tuple[int, int]) -> np.ndarray:
+  """Relative position biases ((2h-1)(2w-1) + 1, heads) of a square h x h grid -> those of `new_grid`: the
+  table of 2-D offsets is interpolated bilinearly, the bias of pairs with [CLS] (the last row) kept."""
+  offsets, prefix = table[:-1], table[-1:]
+  side = int(round(np.sqrt(offsets.shape[0])))
+  if side * side != offsets.shape[0] or side % 2 == 0:
+    raise CheckpointError(f'Cannot resize relative position biases of {offsets.shape[0]} offsets: not those '
+                          f'of a square grid.')
+  new_shape = (2 * new_grid[0] - 1, 2 * new_grid[1] - 1, offsets.shape[-1])
+  resized = jax.image.resize(offsets.reshape(side, side, -1), new_shape, method='bilinear', antialias=False)
+  return np.concatenate([np.asarray(resized, table.dtype).reshape(-1, table.shape[-1]), prefix])
+
+
 def adapt_to_model(pretrained: Dict[str, Any], init_params: Any, grid: Tuple[int, int],
                    num_prefix_tokens: int, keep_head: bool = False) -> Dict[str, Any]:
   """Pretrained parameters for a model whose fresh parameters are `init_params`.
 
   - `head`: taken from `init_params` (zeros, sized for the new classes) unless `keep_head` and shapes match;
   - `pre_logits`: kept if the new model has that layer, dropped if not;
-  - 1-D learned position embeddings: resized to the new patch `grid` when it differs;
+  - 1-D learned position embeddings and relative position biases: resized to the new patch `grid` when it
+    differs;
   - everything else must match exactly; any mismatch raises naming the parameter and both shapes, so a
     half-loaded model is never trained.
   """
@@ -135,6 +149,8 @@ def adapt_to_model(pretrained: Dict[str, Any], init_params: Any, grid: Tuple[int
     value = pretrained[key]
     if key == posemb_key and value.shape != init_value.shape:
       value = resize_posemb(value, grid, num_prefix_tokens)
+    if key.endswith('/relative_position_bias') and value.shape != init_value.shape:
+      value = resize_relative_bias(value, grid)
     if value.shape != init_value.shape:
       problems.append(f'{key}: checkpoint {value.shape} vs model {init_value.shape}')
       continue
