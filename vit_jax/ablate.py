@@ -20,14 +20,21 @@ import numpy as np
 from vit_jax import config_lib
 from vit_jax import models
 
-_STUDY = flags.DEFINE_string('study', None, 'A study of the config file: classifier, posemb, data_scale.')
-_CONFIG = flags.DEFINE_string('config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'ablations.py'),
-                              'Config file with get_config() (the base) and STUDIES (the rows).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the runs go (one workdir per row and seed).')
-_OUT = flags.DEFINE_string('out', None, 'Where the table (and plot) go; default: the study\'s workdir.')
-_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds; each row is trained once per seed.')
-_ROWS = flags.DEFINE_list('rows', None, 'Only these rows, by slug (their workdir names, e.g. gap_lr_1e_3).')
-_SET = flags.DEFINE_multi_string('set', [], 'Extra field=value for every row, e.g. --set=total_steps=100.')
+DEFAULT_STUDIES = os.path.join(os.path.dirname(__file__), '..', 'configs', 'ablations.py')
+
+
+def define_flags() -> None:
+  """The command line; defined only when run as a program, so that importing this module as a library next
+  to `vit_jax.main` (which has --config and --workdir too) does not clash."""
+  flags.DEFINE_string('study', None, 'A study of the config file: classifier, posemb, data_scale, masked_patches.')
+  flags.DEFINE_string('config', DEFAULT_STUDIES, 'Config file with get_config() (the base) and STUDIES (the rows).')
+  flags.DEFINE_string('workdir', None, 'Where the runs go (one workdir per row and seed).')
+  flags.DEFINE_string('out', None, 'Where the table (and plot) go; default: the workdir.')
+  flags.DEFINE_list('seeds', ['0'], 'Seeds; each row is trained once per seed.')
+  flags.DEFINE_list('rows', None, 'Only these rows, by slug (their workdir names, e.g. gap_lr_1e_3).')
+  flags.DEFINE_multi_string('set', [], 'Extra field=value for every row, e.g. --set=total_steps=100.')
+  flags.mark_flags_as_required(['study', 'workdir'])
+
 
 # Row keys that describe the row for the plot instead of setting a config field.
 PLOT_KEYS = ('series', 'train_size')
@@ -164,18 +171,19 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+  args = flags.FLAGS
   extra = {}
-  for item in _SET.value:
+  for item in args.set:
     key, sep, value = item.partition('=')
     if not sep:
       raise app.UsageError(f'--set takes field=value, got {item!r}.')
     extra[key] = _parse_value(value)
-  lines = run_study(_STUDY.value, _CONFIG.value, _WORKDIR.value, _OUT.value or _WORKDIR.value,
-                    [int(s) for s in _SEEDS.value], _ROWS.value, extra)
+  lines = run_study(args.study, args.config, args.workdir, args.out or args.workdir,
+                    [int(s) for s in args.seeds], args.rows, extra)
   for line in lines:
     print(f'{line["label"]}: {100 * line["mean"]:.2f}%', flush=True)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['study', 'workdir'])
+  define_flags()
   app.run(main)
