@@ -79,7 +79,12 @@ def test_run_study_trains_each_row_writes_table_and_plot_and_resumes(tmp_path, d
   before = marker.stat().st_mtime
   again = ablate.run_study('scale', str(config_file), str(tmp_path / 'runs'), str(out), seeds=[0, 1],
                            rows=['vit_300'])
-  assert marker.stat().st_mtime == before and [line['label'] for line in again] == ['ViT, 300']
+  assert marker.stat().st_mtime == before
+  assert [line['label'] for line in again] == ['ViT, 300', 'ViT, 900', 'ResNet, 300']  # Others read back.
+  assert not (tmp_path / 'runs' / 'scale' / 'vit_300' / 'seed_2').exists()
+  partial = ablate.run_study('scale', str(config_file), str(tmp_path / 'runs'), str(out), seeds=[2],
+                             rows=['vit_900'])  # A new seed for one row only: the table has that row.
+  assert [line['label'] for line in partial] == ['ViT, 900'] and set(partial[0]['seeds']) == {2}
   with pytest.raises(ValueError, match='Unknown rows'):
     ablate.run_study('scale', str(config_file), str(tmp_path / 'runs'), str(out), [0], rows=['vit_301'])
   with pytest.raises(ValueError, match='Unknown study'):

@@ -31,7 +31,8 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Where the runs go (one workdir per row and seed).')
   flags.DEFINE_string('out', None, 'Where the table (and plot) go; default: the workdir.')
   flags.DEFINE_list('seeds', ['0'], 'Seeds; each row is trained once per seed.')
-  flags.DEFINE_list('rows', None, 'Only these rows, by slug (their workdir names, e.g. gap_lr_1e_3).')
+  flags.DEFINE_list('rows', None, 'Train only these rows, by slug (their workdir names, e.g. gap_lr_1e_3); '
+                    'finished runs of the others are still read into the table.')
   flags.DEFINE_multi_string('set', [], 'Extra field=value for every row, e.g. --set=total_steps=100.')
   flags.mark_flags_as_required(['study', 'workdir'])
 
@@ -146,9 +147,14 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
   base = config_lib.override(module.get_config(), extra or {})
   results = []
   for label, row in table.items():
-    if rows and slug(label) not in rows:
-      continue
     for seed in seeds:
+      if rows and slug(label) not in rows:
+        # Not to be trained now; a finished run of it still belongs in the table.
+        path = os.path.join(workdir, study, slug(label), f'seed_{seed}', RESULT_FILE)
+        if os.path.exists(path):
+          with open(path) as f:
+            results.append(json.load(f))
+        continue
       logging.info('Study %s: %s, seed %d.', study, label, seed)
       results.append(run_row(base, label, row, seed, os.path.join(workdir, study)))
       print(f'{study} | {label} | seed {seed}: test accuracy {results[-1]["accuracy"]:.4f} '
