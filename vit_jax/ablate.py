@@ -162,6 +162,7 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
   lines = summarise(results)
   os.makedirs(out, exist_ok=True)
   command = ' '.join(['python -m vit_jax.ablate', f'--study={study}', f'--seeds={",".join(map(str, seeds))}',
+                      *([f'--rows={",".join(rows)}'] if rows else []),
                       *[f'--set={k}={json.dumps(v)}' for k, v in (extra or {}).items()]])
   with open(os.path.join(out, f'{study}.json'), 'w') as f:
     json.dump({'study': study, 'command': command, 'runs': results, 'rows': lines}, f, indent=1)
