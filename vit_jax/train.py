@@ -127,9 +127,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Modu
 
   def loss_fn(params, micro_batch, key):
     if mpp_config is not None:
-      dropout_key, corruption_key = jax.random.split(key)
+      noise_key, corruption_key = jax.random.split(key)
       loss, correct, weight = mpp.losses(model, params, micro_batch['image'], corruption_key, mpp_config,
-                                         train=True, dropout_rng=dropout_key)
+                                         train=True, dropout_rng=noise_key)
       count = jnp.maximum(jnp.sum(weight), 1.0)
       return jnp.sum(loss * weight) / count, jnp.sum(correct * weight) / count
     logits = model.apply({'params': params}, micro_batch['image'], train=True, rngs={'dropout': key})
