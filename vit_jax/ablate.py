@@ -3,8 +3,8 @@
   python -m vit_jax.ablate --study=posemb --workdir=/tmp/ablate --seeds=0,1 --out=docs/results
 
 Each run is an ordinary `vit_jax.main` run in `<workdir>/<study>/<row>/seed_<n>`: an interrupted study
-resumes (a finished run's result is read back, an unfinished one continues from its checkpoint). Writes `<out>/<study>.json` and `<out>/<study>.md`, and for
-studies over training-set sizes `<out>/<study>.png` (accuracy against size, one line per model).
+resumes (a finished run's result is read back, an unfinished one continues from its checkpoint). Writes
+`<out>/<study>.json` and `<out>/<study>.md`, and for studies over training-set sizes `<out>/<study>.png` (accuracy against size, one line per model).
 """
 import json
 import os
@@ -55,6 +55,15 @@ def _parse_value(text: str):
 RESULT_FILE = 'ablate_result.json'
 
 
+def finished_result(study_dir: str, label: str, seed: int):
+  """The recorded result of a finished run of this row and seed, or None."""
+  path = os.path.join(study_dir, slug(label), f'seed_{seed}', RESULT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
   """Trains one row with one seed in `<study_dir>/<row>/seed_<seed>`, or reads the result of a finished run
   there. String fields may name other runs of the study: "{study_dir}" and "{seed}" are filled in (e.g.
@@ -62,11 +71,11 @@ def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
   # TensorFlow comes with these: imported only when something is trained.
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
+  finished = finished_result(study_dir, label, seed)
+  if finished is not None:
+    return finished
   workdir = os.path.join(study_dir, slug(label), f'seed_{seed}')
   result_path = os.path.join(workdir, RESULT_FILE)
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
   fields = {k: v.format(study_dir=study_dir, seed=seed) if isinstance(v, str) else v
             for k, v in row.items() if k not in PLOT_KEYS}
   config = config_lib.override(base, {**fields, 'seed': seed})
@@ -150,10 +159,9 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
     for seed in seeds:
       if rows and slug(label) not in rows:
         # Not to be trained now; a finished run of it still belongs in the table.
-        path = os.path.join(workdir, study, slug(label), f'seed_{seed}', RESULT_FILE)
-        if os.path.exists(path):
-          with open(path) as f:
-            results.append(json.load(f))
+        finished = finished_result(os.path.join(workdir, study), label, seed)
+        if finished is not None:
+          results.append(finished)
         continue
       logging.info('Study %s: %s, seed %d.', study, label, seed)
       results.append(run_row(base, label, row, seed, os.path.join(workdir, study)))
