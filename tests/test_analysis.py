@@ -50,6 +50,21 @@ def test_position_embedding_similarity_and_filter_components():
   np.testing.assert_allclose(np.abs(components[:2].reshape(2, -1) @ basis.T), np.eye(2), atol=0.05)
 
 
+def test_filter_figure_shows_the_first_layer_that_sees_pixels(tmp_path):
+  from vit_jax import analyze  # pylint: disable=g-import-not-at-top
+  images = jnp.zeros((1, 28, 28, 1))
+  for overrides, layer, shape in (({}, 'embedding', (7, 7, 1, 128)),
+                                  ({'conv_stem': (8,)}, 'stem_conv_0', (3, 3, 1, 8))):
+    model = models.get_model('ViT-mu/7', 10, num_layers=1, **overrides)
+    params = model.init(jax.random.PRNGKey(0), images)['params']
+    name, kernel = analyze.pixel_filters(params)
+    assert (name, kernel.shape) == (layer, shape)
+    components, variance = analysis.embedding_filter_components(np.asarray(kernel), 28)
+    path = str(tmp_path / f'{layer}.png')
+    analyze.draw_embedding_filters(components, variance, path, layer)
+    assert matplotlib.image.imread(path).std() > 0.01
+
+
 def test_attention_weights_of_scanned_and_unrolled_models_agree():
   images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3), minval=-1, maxval=1)
   plain = models.get_model('ViT-mu/4', 10, num_layers=3)

@@ -182,6 +182,30 @@ def test_hybrid_runs_at_small_size():
   assert variables['params']['Transformer']['posembed_input']['pos_embedding'].shape == (1, 4 * 4 + 1, 192)
 
 
+def test_conv_stem_feeds_the_patch_embedding_local_features():
+  model = models.get_model('ViT-mu/7', num_classes=10, num_layers=1, conv_stem=(8, 16))
+  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1), minval=-1, maxval=1)
+  params = model.init(jax.random.PRNGKey(0), images)['params']
+  assert params['stem_conv_0']['kernel'].shape == (3, 3, 1, 8)
+  assert params['stem_conv_1']['kernel'].shape == (3, 3, 8, 16)
+  assert params['embedding']['kernel'].shape == (7, 7, 16, 128)  # Patches of the 16-channel feature map.
+  assert model.token_grid((28, 28)) == (4, 4)  # Stride 1: the token grid of the plain ViT.
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 17, 128)
+  params['head']['kernel'] = jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
+  # A pixel next to a patch border reaches the neighbouring patch's token only through the 3x3 convolutions.
+  nudged = images.at[:, 6, 3].add(1.0)
+  tokens = lambda x: model.apply({'params': params}, x, capture_intermediates=True)[1]['intermediates'][
+      'embedding']['__call__'][0]
+  changed = np.abs(np.asarray(tokens(nudged) - tokens(images))).max(axis=(0, 3)) > 0
+  assert changed.tolist() == [[True, False, False, False], [True, False, False, False],
+                              [False] * 4, [False] * 4]
+  with pytest.raises(ValueError, match='two different stems'):
+    models.get_model('R50+ViT-Ti/16', num_classes=3, conv_stem=(8,)).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  with pytest.raises(ValueError, match=r'ResNet.*conv_stem'):
+    models.get_model('BiT-R26x1', num_classes=3, conv_stem=(8,))
+
+
 def test_attention_weights_are_sown_and_normalised():
   model = _tiny()
   images = jnp.zeros((2, 8, 8, 3))

@@ -66,6 +66,10 @@ def test_state_dict_uses_timm_key_names_and_rejects_a_pre_logits_layer():
   params = with_pre_logits.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
   with pytest.raises(ValueError, match='pre-logits'):
     timm_layout.state_dict(params)
+  with_stem = models.get_model('ViT-mu/4', 10, num_layers=1, conv_stem=(8,))
+  params = with_stem.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  with pytest.raises(ValueError, match='convolutional stem'):
+    timm_layout.state_dict(params)
 
 
 def test_export_torch_command_writes_a_state_dict_timm_loads(tmp_path, data_dir):

@@ -6,7 +6,8 @@
 - `position_embedding_similarity.png`: per patch, the cosine similarity of its position embedding with all
   others, on the patch grid (Fig. 7 centre);
 - `mean_attention_distance.png`: per head, the mean attention distance in pixels against depth (Fig. 7 right);
-- `embedding_filters.png`: top principal components of the patch-embedding filters (Fig. 7 left);
+- `embedding_filters.png`: top principal components of the patch-embedding filters (Fig. 7 left; of the
+  first stem convolution when the model has a stem);
 - `analysis.json`: the numbers behind the figures.
 """
 import json
@@ -84,7 +85,7 @@ def draw_attention_distance(distance, image_size, path):
   plt.close(fig)
 
 
-def draw_embedding_filters(components, variance, path):
+def draw_embedding_filters(components, variance, path, layer='patch-embedding'):
   num = len(components)
   cols = min(num, 7)
   rows = -(-num // cols)
@@ -96,7 +97,7 @@ def draw_embedding_filters(components, variance, path):
     ax = axes.ravel()[i]
     ax.imshow(scaled[..., 0] if scaled.shape[-1] == 1 else scaled, cmap='gray', interpolation='nearest')
     ax.set_title(f'{ratio:.1%}', fontsize=7)
-  fig.suptitle('Principal components of the patch-embedding filters (share of variance)', fontsize=8)
+  fig.suptitle(f'Principal components of the {layer} filters (share of variance)', fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -108,6 +109,15 @@ def load_test_images(config, num_images):
   dataset = input_pipeline.eval_dataset(builder, config, num_images, num_images)
   batch = next(dataset.as_numpy_iterator())
   return batch['image'][batch['mask'] > 0], batch['label'][batch['mask'] > 0]
+
+
+def pixel_filters(params):
+  """(name, kernel) of the first layer that sees pixels: the patch embedding of a plain ViT (the paper's
+  Fig. 7), else the first convolution of the stem (`conv_stem` or the hybrid's ResNet)."""
+  for name in ('stem_conv_0', 'conv_root', 'embedding'):
+    if name in params:
+      return name, params[name]['kernel']
+  raise ValueError('No patch embedding or stem convolution in these parameters.')
 
 
 def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
@@ -128,14 +138,16 @@ def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
   similarity = analysis.position_embedding_similarity(table, grid, prefix)
   patch_pixels = config.image_size / grid[0]
   distance = analysis.mean_attention_distance(weights, grid, patch_pixels, prefix)
-  kernel = np.asarray(params['embedding']['kernel'])
+  filter_layer, kernel = pixel_filters(params)
+  kernel = np.asarray(kernel)
   components, variance = analysis.embedding_filter_components(kernel, 28)
 
   os.makedirs(out, exist_ok=True)
   draw_attention_maps(images, rollout, os.path.join(out, 'attention_maps.png'))
   draw_position_similarity(similarity, os.path.join(out, 'position_embedding_similarity.png'))
   draw_attention_distance(distance, config.image_size, os.path.join(out, 'mean_attention_distance.png'))
-  draw_embedding_filters(components, variance, os.path.join(out, 'embedding_filters.png'))
+  draw_embedding_filters(components, variance, os.path.join(out, 'embedding_filters.png'),
+                         'patch-embedding' if filter_layer == 'embedding' else f'stem ({filter_layer})')
   # Neighbours vs far patches: how much 2-D structure the position embeddings learned.
   rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing='ij')
   flat = similarity.reshape(grid[0] * grid[1], -1)

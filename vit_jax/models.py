@@ -65,7 +65,8 @@ def parse_variant(name: str) -> dict:
 # The CNN baselines: BiT ResNets "BiT-R<depth>x<width>" (e.g. BiT-R50x1); `resnet_layers` overrides the depth.
 _RESNET_RE = re.compile(r'^BiT-R(?P<depth>\d+)x(?P<width>\d+)$')
 # Options of the ViT that a ResNet does not have: setting one for a ResNet is an error, not ignored.
-_VIT_ONLY = ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers', 'representation_size')
+_VIT_ONLY = ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers', 'representation_size',
+             'conv_stem')
 
 
 def _get_resnet(match, num_classes: int, overrides: dict) -> resnet.ResNet:
@@ -371,6 +372,11 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   resnet_layers: Optional[Sequence[int]] = None
   resnet_width: int = 1
+  # Convolutional stem: output channels of 3x3 stride-1 convolutions (each + ReLU) applied to the image before
+  # the patch embedding, which then projects patches of their feature map (token grid unchanged). Local
+  # features that a linear patch projection lacks (cf. Xiao et al. 2021, "Early convolutions help
+  # transformers see better"); `configs/default.py` uses one layer of 32. Not part of the published models.
+  conv_stem: Optional[Sequence[int]] = None
   dtype: Any = jnp.float32  # Of activations and matmuls; parameters stay float32 (mixed precision).
   remat: bool = False
   scan: bool = False
@@ -395,6 +401,10 @@ class VisionTransformer(nn.Module):
     x = images
     if self.resnet_layers is not None:
       x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width)
+    if self.conv_stem and self.resnet_layers is not None:
+      raise ValueError('conv_stem and resnet_layers are two different stems: set only one of them.')
+    for i, channels in enumerate(self.conv_stem or ()):
+      x = nn.relu(nn.Conv(channels, (3, 3), padding='SAME', dtype=self.dtype, name=f'stem_conv_{i}')(x))
     height, width = x.shape[1:3]
     if height % self.patch_size or width % self.patch_size:
       what = 'ResNet feature map' if self.resnet_layers is not None else 'image size'

@@ -47,6 +47,9 @@ def describe(params: Any) -> Dict[str, Any]:
   if 'pre_logits' in params:
     raise ValueError('timm\'s VisionTransformer has no pre-logits (representation) layer: export a model '
                      'trained with --config.model.representation_size=None.')
+  if 'stem_conv_0' in params:
+    raise ValueError("This model has a convolutional stem (conv_stem), which timm's VisionTransformer does not "
+                     'have: export it as .npz instead.')
   blocks = params['Transformer']
   depth = sum(1 for name in blocks if name.startswith('encoderblock_'))
   attention = blocks['encoderblock_0']['MultiHeadDotProductAttention_1']
