@@ -76,11 +76,13 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
 
 def test_main_job_on_several_devices_and_an_indivisible_batch(tmp_path, data_dir):
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  # A device count in XLA_FLAGS wins over config.cpu_devices.
   result = run_main(tmp_path / 'two', *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=20',
-                    '--config.eval_batch_size=72', env=env)
+                    '--config.eval_batch_size=72', '--config.cpu_devices=3', env=env)
   assert 'on 2 devices' in result.stderr and 'Final test accuracy' in result.stdout
-  bad = run_main(tmp_path / 'bad', *TINY, f'--config.data_dir={data_dir}', '--config.batch_size=33', env=env,
-                 check=False)
+  # Without it, config.cpu_devices splits the CPU.
+  bad = run_main(tmp_path / 'bad', *TINY, f'--config.data_dir={data_dir}', '--config.batch_size=33',
+                 '--config.cpu_devices=2', env={'XLA_FLAGS': ''}, check=False)
   assert bad.returncode != 0
   assert 'batch size 33 is not divisible by the number of devices it is split over (2: data=2 x fsdp=1)' in bad.stderr
 

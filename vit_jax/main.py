@@ -55,6 +55,16 @@ def initialize_distributed() -> None:
                jax.local_device_count(), jax.device_count())
 
 
+def split_host_cpu(num_devices) -> None:
+  """`config.cpu_devices`: the CPU as that many devices, set before JAX creates its backends. Accelerator
+  runs are unaffected (their mesh is made of the accelerators); a device count in XLA_FLAGS wins."""
+  if num_devices is None or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return
+  if num_devices < 1:
+    raise ValueError(f'config.cpu_devices={num_devices}: give a positive device count, or None for one.')
+  jax.config.update('jax_num_cpu_devices', num_devices)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -64,6 +74,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= py_logging.WARNING or not any(
           part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/')))
+  split_host_cpu(_CONFIG.value.cpu_devices)
   initialize_distributed()
   workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
   result = train.train_and_evaluate(_CONFIG.value, workdir)
