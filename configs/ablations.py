@@ -4,9 +4,10 @@
 
 Studies: classifier, posemb, data_scale, masked_patches.
 
-`get_config()` is the base every row starts from: the default model (ViT-mu/7, 4x4 patches of 7x7) trained
-for one epoch. `STUDIES` holds the rows: a label and the config fields it changes. Rows with `series` and
-`train_size` are plotted as accuracy against training-set size.
+`get_config()` is the base every row starts from: the plain ViT of `vit_mu7.py` (4x4 patches of 7x7, no stem;
+the default until it gained a convolutional stem) trained for one epoch. `STUDIES` holds the rows: a label
+and the config fields it changes. Rows with `series` and `train_size` are plotted as accuracy against
+training-set size.
 """
 import os
 
@@ -14,7 +15,7 @@ from vit_jax import config_lib
 
 
 def get_config():
-  config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), 'default.py'))
+  config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), 'vit_mu7.py'))
   config.num_epochs = 1.0
   config.warmup_steps = 100
   config.eval_every_steps = 100_000  # Only at the end.

@@ -1,6 +1,7 @@
-"""The default: a small ViT on the embedded Fashion-MNIST, trained from scratch on a 2-core CPU in minutes.
+"""A plain small ViT (patch embedding, no stem) on the embedded Fashion-MNIST, from scratch on 2 CPU cores:
+87.9% in 6 epochs (README). The base of the paper's ablations (`ablations.py`) and of `default.py`.
 
-  python -m vit_jax.main --config configs/default.py --workdir /tmp/vit_default
+  python -m vit_jax.main --config configs/vit_mu7.py --workdir /tmp/vit_mu7
 """
 from vit_jax import config_lib
 
