@@ -199,6 +199,9 @@ def test_conv_stem_feeds_the_patch_embedding_local_features():
   changed = np.abs(np.asarray(tokens(nudged) - tokens(images))).max(axis=(0, 3)) > 0
   assert changed.tolist() == [[True, False, False, False], [True, False, False, False],
                               [False] * 4, [False] * 4]
+  corruption = models.PatchCorruption(mask=jnp.zeros((2, 16), bool), replace_with=-jnp.ones((2, 16), int))
+  with pytest.raises(ValueError, match='without a stem'):
+    model.apply({'params': params}, images, corruption=corruption)
   with pytest.raises(ValueError, match='two different stems'):
     models.get_model('R50+ViT-Ti/16', num_classes=3, conv_stem=(8,)).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))

@@ -417,8 +417,10 @@ class VisionTransformer(nn.Module):
     batch, grid_h, grid_w, dim = x.shape
     x = x.reshape(batch, grid_h * grid_w, dim)
     if corruption is not None:
-      if self.resnet_layers is not None:
-        raise ValueError('Masked patch prediction needs image patches as tokens: use a ViT, not a hybrid.')
+      if self.resnet_layers is not None or self.conv_stem:
+        # A stem's receptive field crosses patch borders: neighbouring tokens would see the masked pixels.
+        raise ValueError('Masked patch prediction needs image patches as tokens: use a ViT without a stem '
+                         '(no resnet_layers, no conv_stem), e.g. configs/vit_mu7.py.')
       mask_token = self.param('mask_token', nn.initializers.normal(stddev=0.02), (1, 1, dim))
       swapped = x.reshape(-1, dim)[jnp.maximum(corruption.replace_with, 0)]
       x = jnp.where(corruption.replace_with[..., None] >= 0, swapped, x)
