@@ -56,8 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   # along the fsdp axis, the rest is replicated.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
   # Runs on CPUs only: split each process's CPU into this many JAX devices (None: one). Small models do not
-  # keep 2 cores busy from one device; two devices of half the batch each ran ~1.3x faster on 2 cores (README).
-  # An explicit XLA_FLAGS=--xla_force_host_platform_device_count wins over it.
+  # keep 2 cores busy from one device; two devices of half the batch each ran ~1.3x faster on 2 cores, but one
+  # such run aborted in XLA's in-process all-reduce (rendezvous timeout) while other jobs oversubscribed the
+  # CPU (README). An explicit XLA_FLAGS=--xla_force_host_platform_device_count wins over it.
   config.cpu_devices = config_dict.placeholder(int)
 
   # Fine-tuning: start from a published-layout .npz or a vit_jax workdir instead of random weights (only when
