@@ -24,11 +24,15 @@ from vit_jax import checkpoints
 from vit_jax import config_lib
 from vit_jax import models
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a vit_jax.main run.')
-_OUT = flags.DEFINE_string('out', None, 'Folder for the figures.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 64, 'Test images averaged over (the first 8 are drawn).')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-flags.mark_flags_as_required(['workdir', 'out'])
+
+def define_flags() -> None:
+  """The command line; defined only when run as a program (as in `vit_jax.ablate`), so that importing this
+  module as a library next to `vit_jax.main` (which has --workdir too) does not clash."""
+  flags.DEFINE_string('workdir', None, 'Workdir of a vit_jax.main run.')
+  flags.DEFINE_string('out', None, 'Folder for the figures.')
+  flags.DEFINE_integer('num_images', 64, 'Test images averaged over (the first 8 are drawn).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def _show_image(ax, image):
@@ -168,10 +172,12 @@ def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  summary = analyze(_WORKDIR.value, _OUT.value, _NUM_IMAGES.value, _STEP.value)
+  args = flags.FLAGS
+  summary = analyze(args.workdir, args.out, args.num_images, args.step)
   print(json.dumps(summary, indent=1))
-  print(f'Wrote the figures of step {summary["step"]} to {_OUT.value}.')
+  print(f'Wrote the figures of step {summary["step"]} to {args.out}.')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
