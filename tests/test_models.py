@@ -191,7 +191,6 @@ def test_conv_stem_feeds_the_patch_embedding_local_features():
   assert params['embedding']['kernel'].shape == (7, 7, 16, 128)  # Patches of the 16-channel feature map.
   assert model.token_grid((28, 28)) == (4, 4)  # Stride 1: the token grid of the plain ViT.
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 17, 128)
-  params['head']['kernel'] = jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
   # A pixel next to a patch border reaches the neighbouring patch's token only through the 3x3 convolutions.
   nudged = images.at[:, 6, 3].add(1.0)
   tokens = lambda x: model.apply({'params': params}, x, capture_intermediates=True)[1]['intermediates'][
