@@ -72,3 +72,17 @@ def test_train_step_compiles_ahead_of_time_from_abstract_shapes(name):
   # Training costs about 3x the forward pass; a ViT forward pass costs at least 2 FLOPs per parameter per token.
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   assert flops > 3 * 2 * num_params * config.batch_size
+
+
+def test_a_workdir_resumes_only_under_its_own_config_or_a_longer_schedule(tmp_path):
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  recorded = load_config('default.py')
+  config_lib.save_workdir_config(recorded, str(tmp_path))
+  longer = load_config('default.py')
+  longer.num_epochs, longer.eval_every_steps, longer.mesh.data = 9.0, 100, 2
+  config_lib.check_resumable(longer, str(tmp_path))  # Extending the run and logging more often are fine.
+  other = load_config('default.py')
+  other.lr, other.model.conv_stem = 3e-3, (16,)
+  with pytest.raises(ValueError, match=r'lr: 0.001 -> 0.003; model.conv_stem: \[32\] -> \[16\]'):
+    config_lib.check_resumable(other, str(tmp_path))
+  config_lib.check_resumable(other, str(tmp_path / 'fresh'))  # No recorded run: nothing to compare.

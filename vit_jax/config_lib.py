@@ -146,6 +146,41 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None
   os.replace(path + '.tmp', path)
 
 
+# What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates and
+# checkpoints, where it reads the data, how it lays out devices. Anything else would silently continue the
+# recorded run under other settings.
+RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                     'data_dir', 'mesh', 'cpu_devices', 'eval_batch_size')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume the checkpoints in `workdir` under a config that differs from the one they were made
+  with, beyond RESUMABLE_CHANGES. Settings unknown to either side (added or removed since) are not compared."""
+  path = os.path.join(workdir, WORKDIR_CONFIG)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    recorded = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  changed = sorted(key for key in recorded.keys() & current.keys()
+                   if recorded[key] != current[key] and key.split('.')[0] not in RESUMABLE_CHANGES)
+  if changed:
+    details = '; '.join(f'{key}: {recorded[key]!r} -> {current[key]!r}' for key in changed)
+    raise ValueError(f'{workdir} holds checkpoints of a run with another config ({details}); resuming would '
+                     f'continue that run under these settings. Give a new --workdir, or delete {workdir} to '
+                     'start over.')
+
+
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a `vit_jax.main` run recorded in its workdir."""
   path = os.path.join(workdir, WORKDIR_CONFIG)

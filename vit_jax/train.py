@@ -487,10 +487,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   info = input_pipeline.get_info(builder, config)
   num_steps = total_steps(config, info.num_train_examples)
   run = setup(config, mesh, info.num_classes, num_steps, info.channels)
-  if jax.process_index() == 0:
-    config_lib.save_workdir_config(config, workdir)
   manager = checkpoint_manager(workdir, config)
   latest = manager.latest_step()
+  if latest is not None:
+    config_lib.check_resumable(config, workdir)
+  if jax.process_index() == 0:
+    config_lib.save_workdir_config(config, workdir)  # After the check: it compares with the recorded config.
   if latest is not None:
     # Collective: every process restores its own shards of the state.
     state = manager.restore(latest, args=ocp.args.StandardRestore(run.abstract_state))
