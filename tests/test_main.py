@@ -49,8 +49,8 @@ def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, da
   assert f'Final test accuracy: {match[1]}' in again.stdout
   # Resuming under another setting (not only a longer run) is refused, naming what changed.
   changed = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150',
-                     '--config.label_smoothing=0.1', check=False)
-  assert changed.returncode != 0 and 'label_smoothing: 0.0 -> 0.1' in changed.stderr, changed.stderr[-3000:]
+                     '--config.lr=0.001', check=False)
+  assert changed.returncode != 0 and 'lr: 0.002 -> 0.001' in changed.stderr, changed.stderr[-3000:]
   assert 'Give a new --workdir' in changed.stderr
 
 
