@@ -269,7 +269,7 @@ def to_global_batch(local_batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str,
 
 def prefetch_to_mesh(batches: Iterator[Dict[str, np.ndarray]], mesh: Mesh, size: int = 2):
   """Yields global batches already on their devices, `size` ahead: the copy of the next batch overlaps the
-  running step (steps are dispatched asynchronously), so the devices never wait for the host."""
+  running step (on accelerators steps are dispatched asynchronously), so the devices never wait for the host."""
   queue = collections.deque()
   for batch in batches:
     queue.append(to_global_batch(batch, mesh))
@@ -459,8 +459,9 @@ def keep_host_buffers_mapped(mmap_threshold: int = 256 << 20) -> bool:
 
   XLA:CPU allocates each step's temporary buffer (63 MiB for the default at batch 64) with malloc. glibc serves
   blocks above 32 MiB with a fresh mmap and unmaps them on free, so every step faulted in 16k new pages: about
-  a quarter of the CPU time in the kernel. Raising the threshold halves the faults (blocks from the arena of
-  XLA's execution thread are still mapped afresh) and measured ~1.2x the images/s (README). Returns whether
+  a quarter of the CPU time in the kernel. Raising the threshold halves the faults and measured ~1.2x the
+  images/s (README); blocks malloc'ed on XLA's dispatch thread are still mapped afresh, which is why the main
+  job also runs a one-device step on the calling thread (`main.configure_host_cpu`): no faults left. Returns whether
   the setting was applied (only on Linux with glibc, for a CPU backend).
   """
   if jax.default_backend() != 'cpu':
