@@ -120,29 +120,3 @@ def test_multi_process_jobs_are_detected_from_the_cluster_environment(monkeypatc
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')
   assert main._cluster_detected()
 
-
-_DISPATCH_PROBE = '''
-import sys
-import jax, jax.numpy as jnp
-from vit_jax import main
-main.configure_host_cpu(None if sys.argv[1] == 'None' else int(sys.argv[1]))
-heavy = jax.jit(lambda x: jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), x))
-x = jnp.full((1024, 1024), 1e-3)
-heavy(x).block_until_ready()  # Compiled; the next call only runs (~0.1-0.5 s on 2 cores).
-out = heavy(x)
-print(jax.config.read('jax_cpu_enable_async_dispatch'), out.is_ready(), jax.device_count())
-'''
-
-
-def test_one_cpu_device_runs_each_step_on_the_calling_thread():
-  """With one CPU device the main job turns off async dispatch (faster: see `configure_host_cpu`); a jitted call
-  then returns with its result computed. Several devices keep dispatching asynchronously."""
-  def probe(num_devices, xla_flags=''):
-    result = subprocess.run([sys.executable, '-c', _DISPATCH_PROBE, str(num_devices)], cwd=ROOT,
-                            env={**os.environ, 'XLA_FLAGS': xla_flags}, capture_output=True, text=True,
-                            timeout=300, check=True)
-    return result.stdout.split()
-  assert probe(None) == ['False', 'True', '1']
-  assert probe(2) == ['True', 'False', '2']  # Returned while the 20 matmuls still ran.
-  assert probe(None, '--xla_force_host_platform_device_count=4') == ['True', 'False', '4']
-  assert probe(None, '--xla_force_host_platform_device_count=1') == ['False', 'True', '1']

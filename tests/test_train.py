@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config
+from conftest import ROOT, load_config
 from vit_jax import train
 
 
@@ -139,7 +139,34 @@ print(min(page_faults() for _ in range(3)))
 def test_cpu_training_reuses_large_host_buffers_instead_of_refaulting_them():
   def faults(mode):
     out = subprocess.run([sys.executable, '-c', _FAULTS_PER_BUFFER, mode], capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         check=True, cwd=ROOT)
     return int(out.stdout.split()[-1])
   assert faults('plain') > 10_000  # glibc unmaps a freed 64 MiB block: 16k pages fault in again next time.
   assert faults('tuned') < 1_000
+
+
+_DISPATCH_PROBE = '''
+import sys
+import jax, jax.numpy as jnp
+from vit_jax import train
+train.configure_host_cpu(None if sys.argv[1] == 'None' else int(sys.argv[1]))
+heavy = jax.jit(lambda x: jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), x))
+x = jnp.full((1024, 1024), 1e-3)
+heavy(x).block_until_ready()  # Compiled; the next call only runs (~0.1-0.5 s on 2 cores).
+out = heavy(x)
+print(jax.config.read('jax_cpu_enable_async_dispatch'), out.is_ready(), jax.device_count())
+'''
+
+
+def test_one_cpu_device_runs_each_step_on_the_calling_thread():
+  """With one CPU device the main job turns off async dispatch (faster: see `configure_host_cpu`); a jitted call
+  then returns with its result computed. Several devices keep dispatching asynchronously."""
+  def probe(num_devices, xla_flags=''):
+    result = subprocess.run([sys.executable, '-c', _DISPATCH_PROBE, str(num_devices)], cwd=ROOT,
+                            env={**os.environ, 'XLA_FLAGS': xla_flags}, capture_output=True, text=True,
+                            timeout=300, check=True)
+    return result.stdout.split()
+  assert probe(None) == ['False', 'True', '1']
+  assert probe(2) == ['True', 'False', '2']  # Returned while the 20 matmuls still ran.
+  assert probe(None, '--xla_force_host_platform_device_count=4') == ['True', 'False', '4']
+  assert probe(None, '--xla_force_host_platform_device_count=1') == ['False', 'True', '1']

@@ -9,7 +9,6 @@ other by themselves; elsewhere pass --coordinator_address=HOST:PORT --num_proces
 """
 import logging as py_logging
 import os
-import re
 
 from absl import app
 from absl import flags
@@ -56,26 +55,6 @@ def initialize_distributed() -> None:
                jax.local_device_count(), jax.device_count())
 
 
-def configure_host_cpu(num_devices) -> None:
-  """Sets up JAX's CPU backend before it starts: `config.cpu_devices` splits the CPU into that many devices
-  (a device count in XLA_FLAGS wins); accelerator runs are unaffected, their mesh is made of the accelerators.
-
-  With one CPU device, each step runs on the calling thread instead of XLA's dispatch thread (no async
-  dispatch). glibc gives every non-main thread its own mmapped arena, too small to keep a step's temporary
-  block (63 MiB for the default), so on the dispatch thread each step faulted its pages in afresh; on the main
-  thread the block is reused (`train.keep_host_buffers_mapped`). The default's step on 2 cores, alternating
-  runs: 777 and 779 images/s synchronous, 680 and 642 asynchronous. With several devices the partitions run
-  on a thread pool anyway, and synchronous dispatch measured slower there (688 vs 838 on 2 devices).
-  """
-  forced = re.search(r'xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
-  if num_devices is not None and not forced:
-    if num_devices < 1:
-      raise ValueError(f'config.cpu_devices={num_devices}: give a positive device count, or None for one.')
-    jax.config.update('jax_num_cpu_devices', num_devices)
-  if (int(forced.group(1)) if forced else num_devices or 1) == 1:
-    jax.config.update('jax_cpu_enable_async_dispatch', False)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -85,7 +64,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= py_logging.WARNING or not any(
           part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/')))
-  configure_host_cpu(_CONFIG.value.cpu_devices)
+  train.configure_host_cpu(_CONFIG.value.cpu_devices)
   initialize_distributed()
   workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
   result = train.train_and_evaluate(_CONFIG.value, workdir)
