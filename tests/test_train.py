@@ -123,26 +123,30 @@ if sys.argv[1] == 'tuned':
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 
-def page_faults(size=64 << 20):  # A buffer like the default's 63 MiB step temporaries, allocated as XLA does.
+def page_faults(size):  # A buffer like a step's temporaries, allocated as XLA does.
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   buffer = libc.malloc(size)
   ctypes.memset(buffer, 1, size)
   libc.free(buffer)
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-page_faults()  # The first one maps its pages either way.
-print(min(page_faults() for _ in range(3)))
+size = int(sys.argv[2]) << 20
+page_faults(size)  # The first one maps its pages either way.
+print(min(page_faults(size) for _ in range(3)))
 '''
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning')
 def test_cpu_training_reuses_large_host_buffers_instead_of_refaulting_them():
-  def faults(mode):
-    out = subprocess.run([sys.executable, '-c', _FAULTS_PER_BUFFER, mode], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+  def faults(mode, mib):
+    out = subprocess.run([sys.executable, '-c', _FAULTS_PER_BUFFER, mode, str(mib)], capture_output=True,
+                         text=True, check=True, cwd=ROOT)
     return int(out.stdout.split()[-1])
-  assert faults('plain') > 10_000  # glibc unmaps a freed 64 MiB block: 16k pages fault in again next time.
-  assert faults('tuned') < 1_000
+  # glibc unmaps a freed block above 32 MiB: all its pages fault in again next time (4 KiB pages).
+  assert faults('plain', 64) > 10_000  # The default's 63 MiB.
+  assert faults('tuned', 64) < 1_000
+  assert faults('plain', 1024) > 200_000  # The order of ViT-B/16's 2.2 GiB: kept as well.
+  assert faults('tuned', 1024) < 1_000
 
 
 _DISPATCH_PROBE = '''

@@ -249,6 +249,11 @@ def run_worker(job: dict) -> dict:
 
 
 def _worker_main(job: dict) -> None:
+  if job['kind'] != 'timm':
+    from vit_jax import train  # pylint: disable=g-import-not-at-top
+    # The host set up as the main job sets it up: steps on the calling thread, step buffers kept mapped.
+    train.configure_host_cpu(None)
+    train.keep_host_buffers_mapped()
   result = WORKERS[job['kind']](job)
   result['peak_rss_gib'] = _peak_rss_gib()
   print(RESULT_PREFIX + json.dumps(result), flush=True)
