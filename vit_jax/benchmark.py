@@ -126,9 +126,6 @@ def jax_inference(job: dict) -> dict:
   start = time.perf_counter()
   compiled = forward.lower(params, images).compile()
   compile_s = time.perf_counter() - start
-  if job.get('flops_only'):
-    return dict(flops=_flops(compiled))
-  seconds = _time_calls(lambda: compiled(params, images).block_until_ready(), job['repeats'], job['warmup'])
   if job.get('exchange'):  # Hand the same weights, images and our logits to the timm workers.
     from vit_jax import timm_layout  # pylint: disable=g-import-not-at-top
     exchange = job['exchange']
@@ -137,6 +134,10 @@ def jax_inference(job: dict) -> dict:
     np.savez(os.path.join(exchange, 'io.npz'), images=np.asarray(images), logits=np.asarray(compiled(params, images)))
     with open(os.path.join(exchange, 'timm_kwargs.json'), 'w') as f:
       json.dump(timm_layout.timm_kwargs(timm_layout.describe(params_np), job['image_size']), f)
+    return {}
+  if job.get('flops_only'):
+    return dict(flops=_flops(compiled))
+  seconds = _time_calls(lambda: compiled(params, images).block_until_ready(), job['repeats'], job['warmup'])
   return dict(compile_s=compile_s, seconds=seconds, flops=_flops(compiled), **_memory(compiled))
 
 
@@ -278,12 +279,15 @@ def measure_speed() -> list:
       _VARIANTS.value, map(int, _IMAGE_SIZES.value), map(int, _BATCH_SIZES.value), _to_bool(_REMAT.value),
       _to_bool(_SCAN.value)):
     with tempfile.TemporaryDirectory() as exchange:
+      if _COMPARE.value:  # The timm workers (either mode) load our weights, images and logits from here.
+        run_worker(dict(kind='jax_inference', variant=variant, image_size=size, batch=batch, dtype=_DTYPE.value,
+                        exchange=exchange))
       for mode in _MODES.value:
         if mode not in ('inference', 'train'):
           raise app.UsageError(f'Unknown mode {mode!r}: choose inference and/or train.')
         job = dict(variant=variant, image_size=size, batch=batch, dtype=_DTYPE.value, remat=remat, scan=scan,
                    repeats=_REPEATS.value, warmup=_WARMUP.value, mode=mode)
-        ours = run_worker({**job, 'kind': f'jax_{mode}', 'exchange': exchange if _COMPARE.value else None})
+        ours = run_worker({**job, 'kind': f'jax_{mode}'})
         if scan:  # XLA's cost analysis counts a loop body once: take the FLOPs of the unrolled twin.
           ours['flops'] = run_worker({**job, 'kind': f'jax_{mode}', 'scan': False, 'flops_only': True})['flops']
         flops_per_image = ours['flops'] / batch
