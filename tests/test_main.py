@@ -119,4 +119,3 @@ def test_multi_process_jobs_are_detected_from_the_cluster_environment(monkeypatc
   assert not main._cluster_detected()
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')
   assert main._cluster_detected()
-
