@@ -166,11 +166,9 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume the checkpoints in `workdir` under a config that differs from the one they were made
   with, beyond RESUMABLE_CHANGES. Settings unknown to either side (added or removed since) are not compared."""
-  path = os.path.join(workdir, WORKDIR_CONFIG)
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, WORKDIR_CONFIG)):
     return
-  with open(path) as f:
-    recorded = _flat(json.load(f))
+  recorded = _flat(_read_workdir_json(workdir))
   current = _flat(json.loads(config.to_json_best_effort()))
   changed = sorted(key for key in recorded.keys() & current.keys()
                    if recorded[key] != current[key] and key.split('.')[0] not in RESUMABLE_CHANGES)
@@ -181,13 +179,18 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                      'start over.')
 
 
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a `vit_jax.main` run recorded in its workdir."""
+def _read_workdir_json(workdir: str) -> dict:
+  """The recorded config as plain JSON (lists stay lists: what `check_resumable` compares)."""
   path = os.path.join(workdir, WORKDIR_CONFIG)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} the workdir of a vit_jax.main run?')
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return json.load(f)
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a `vit_jax.main` run recorded in its workdir."""
+  config = ml_collections.ConfigDict(_read_workdir_json(workdir))
   for key, value in config.model.items():
     if isinstance(value, list):  # JSON has no tuples; model fields must be hashable.
       config.model[key] = tuple(value)
