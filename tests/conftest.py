@@ -19,7 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, 'configs')
 
 
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: starts subprocesses or trains end to end (deselect with '
+                          '-m "not slow" for the fast loop)')
+
+
 def load_config(name: str):
+  """A config of `configs/` by file name, with its argument if any (`vit_imagenet.py:L/16`)."""
   return config_lib.load_config_file(os.path.join(CONFIG_DIR, name))
 
 

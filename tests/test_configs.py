@@ -1,4 +1,5 @@
-"""Every config file loads, takes command-line overrides, and its train step compiles from abstract shapes."""
+"""Every config file loads, takes command-line overrides, and its train step compiles from abstract shapes;
+`config_lib.validate` names what is wrong with a config before anything starts."""
 import glob
 import os
 import time
@@ -9,32 +10,65 @@ import pytest
 from ml_collections import config_flags
 
 from conftest import CONFIG_DIR, load_config
+from vit_jax import config_lib
 from vit_jax import models
+from vit_jax import sharding
 from vit_jax import train
 
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, '*.py')))
+IMAGENET = config_lib.load_config_module(os.path.join(CONFIG_DIR, 'vit_imagenet.py'))
+# Every variant of the ImageNet config's table, and two registry variants it does not list.
+IMAGENET_CONFIGS = [f'vit_imagenet.py:{variant}' for variant in (*IMAGENET.LEARNING_RATES, 'Ti/16', 'S/32')]
 # (classes, channels) of each config's dataset: the step compiles without the data being present.
 DATASET_SHAPES = {'imagenet2012': (1000, 3), 'embedded_fashion_mnist': (10, 1), 'embedded_digits': (10, 1)}
-PAPER_PRETRAINING = ('vit_b16.py', 'vit_l16.py', 'vit_h14.py', 'r50_vit_b16.py')
+# Compiled in the fast loop; the other ImageNet variants (10-40 s each on 2 cores) in the full suite.
+# `vit_imagenet.py` alone is B/16 and `vit_l16.py` is L/16 (test_the_imagenet_config_takes_...).
+FAST_COMPILES = ('vit_imagenet.py:B/16', 'default.py', 'digits.py', 'vit_mu7.py', 'ablations.py',
+                 'vit_b16_finetune.py')
+
+
+def _load_complete(name):
+  """The config as a user runs it: with the pretrained weights a fine-tuning config asks for."""
+  config = load_config(name)
+  if config.init_from == '':  # pylint: disable=g-explicit-bool-comparison
+    config.init_from = 'ViT-B_16.npz'
+  return config
 
 
 def test_the_config_files_of_the_design_are_there():
-  assert set(PAPER_PRETRAINING) | {'default.py'} <= set(CONFIG_FILES)
+  assert {'default.py', 'vit_l16.py', 'vit_imagenet.py'} <= set(CONFIG_FILES)
+  assert {'B/16', 'L/16', 'H/14', 'R50+B/16'} <= set(IMAGENET.LEARNING_RATES)
 
 
-@pytest.mark.parametrize('name', CONFIG_FILES)
-def test_config_loads_and_names_a_known_model_and_dataset(name):
-  config = load_config(name)
+@pytest.mark.parametrize('name', CONFIG_FILES + IMAGENET_CONFIGS)
+def test_config_loads_validates_and_names_a_known_model_and_dataset(name):
+  config = _load_complete(name)
   assert config.dataset in DATASET_SHAPES
+  config_lib.validate(config)
   models.from_config(config, num_classes=10)  # Raises on an unknown variant or option.
 
 
-@pytest.mark.parametrize('name', PAPER_PRETRAINING)
+@pytest.mark.parametrize('name', IMAGENET_CONFIGS)
 def test_paper_pretraining_settings(name):
   config = load_config(name)
   assert (config.optimizer, config.b1, config.b2) == ('adam', 0.9, 0.999)
   assert (config.weight_decay, config.batch_size, config.warmup_steps) == (0.1, 4096, 10_000)
   assert (config.schedule, config.image_size, config.grad_clip_norm) == ('linear', 224, 1.0)
+  assert (config.model.dropout_rate, config.num_epochs) == (0.1, 300.0)
+  # The pre-logits layer has the width D of the variant.
+  assert config.model.representation_size == models.parse_variant(config.model.name)['hidden_size']
+
+
+def test_the_imagenet_config_takes_the_variant_and_its_paper_learning_rate():
+  expected = {'L/16': ('ViT-L/16', 4e-4), 'B/16': ('ViT-B/16', 8e-4), 'H/14': ('ViT-H/14', 3e-4),
+              'R50+B/16': ('R50+ViT-B/16', 8e-4), 'L/32': ('ViT-L/32', 6e-4), 'ViT-L/16': ('ViT-L/16', 4e-4)}
+  for variant, (name, lr) in expected.items():
+    config = load_config(f'vit_imagenet.py:{variant}')
+    assert (config.model.name, config.lr) == (name, lr)
+  alias = load_config('vit_l16.py')  # The design card's command.
+  assert alias.to_dict() == load_config('vit_imagenet.py:L/16').to_dict()
+  with pytest.raises(ValueError, match="Unknown model variant 'ViT-Q/16'"):
+    load_config('vit_imagenet.py:Q/16')
 
 
 def _parse(argv):
@@ -52,13 +86,18 @@ def test_command_line_overrides():
   assert (config.batch_size, config.model.name, config.model.num_layers, config.lr) == (512, 'ViT-S/16', 3, 0.01)
   with pytest.raises(AttributeError, match="Did you mean \"batch_size\""):  # A typo is an error.
     _parse(['main', f'--config={os.path.join(CONFIG_DIR, "vit_l16.py")}', '--config.batch_sise=512'])
+  # `path:arg`, as the ImageNet config takes its variant.
+  config = _parse(['main', f'--config={os.path.join(CONFIG_DIR, "vit_imagenet.py")}:H/14', '--config.lr=1e-4'])
+  assert (config.model.name, config.model.representation_size, config.lr) == ('ViT-H/14', 1280, 1e-4)
 
-@pytest.mark.parametrize('name', CONFIG_FILES)
+@pytest.mark.parametrize('name', [name if name in FAST_COMPILES else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in CONFIG_FILES + IMAGENET_CONFIGS
+                                  if name not in ('vit_imagenet.py', 'vit_l16.py')])
 def test_train_step_compiles_ahead_of_time_from_abstract_shapes(name):
   """The real step of each config (ViT-H/14 included), batch 2: lowered and compiled, no weights made."""
-  config = load_config(name)
+  config = _load_complete(name)
   num_classes, channels = DATASET_SHAPES[config.dataset]
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   config.batch_size = 2 * mesh.devices.size
   config.eval_batch_size = None
   run = train.setup(config, mesh, num_classes, num_steps=100_000, channels=channels)
@@ -75,7 +114,6 @@ def test_train_step_compiles_ahead_of_time_from_abstract_shapes(name):
 
 
 def test_a_workdir_resumes_only_under_its_own_config_or_a_longer_schedule(tmp_path):
-  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   recorded = load_config('default.py')
   config_lib.save_workdir_config(recorded, str(tmp_path))
   longer = load_config('default.py')
@@ -86,3 +124,24 @@ def test_a_workdir_resumes_only_under_its_own_config_or_a_longer_schedule(tmp_pa
   with pytest.raises(ValueError, match=r'lr: 0.001 -> 0.003; model.conv_stem: \[32\] -> \[16\]'):
     config_lib.check_resumable(other, str(tmp_path))
   config_lib.check_resumable(other, str(tmp_path / 'fresh'))  # No recorded run: nothing to compare.
+
+
+def test_validate_names_every_bad_field_and_its_fix():
+  config = load_config('digits.py')
+  config.update(dict(lr=-1e-3, optimizer='lamb', ema_decay=1.0, accum_steps=5, objective='masked_patches',
+                     init_from='/some/workdir'))
+  with pytest.raises(ValueError) as error:
+    config_lib.validate(config)
+  message = str(error.value)
+  for part in ('config.lr=-0.001', "Unknown optimizer 'lamb'", 'ema_decay=1.0', 'accum_steps=5',
+               'Masked patch prediction pretrains from scratch'):
+    assert part in message, (part, message)
+  finetune = load_config('vit_b16_finetune.py')  # Its init_from is left for the user to give.
+  with pytest.raises(ValueError, match='set --config.init_from'):
+    config_lib.validate(finetune)
+  finetune.init_from = 'ViT-B_16.npz'
+  config_lib.validate(finetune)
+  no_length = load_config('digits.py')
+  no_length.num_epochs = None
+  with pytest.raises(ValueError, match='total_steps or --config.num_epochs'):
+    config_lib.validate(no_length)

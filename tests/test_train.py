@@ -1,15 +1,12 @@
 """Optimizer, schedule and the jitted train/eval steps over the device mesh."""
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import load_config
+from vit_jax import sharding
 from vit_jax import train
 
 
@@ -60,11 +57,11 @@ def test_sgd_fine_tuning_optimizer_clips_the_global_norm():
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
   config = _small_config(lr=3e-3, warmup_steps=0, label_smoothing=0.0)
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   run = train.setup(config, mesh, num_classes=10, num_steps=100, channels=1)
   state = run.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
-  batch = train.to_global_batch({'image': rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32),
+  batch = sharding.to_global_batch({'image': rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32),
                                  'label': rng.integers(0, 10, 64).astype(np.int32)}, mesh)
   step = run.train_fn
   losses = []
@@ -82,16 +79,15 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
   assert float(masked['count']) == 10 and float(masked['correct']) <= 10
 
 
-
 def test_moving_average_of_the_parameters_follows_the_polyak_update():
   config = _small_config(lr=3e-3, warmup_steps=0, ema_decay=0.9)
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   run = train.setup(config, mesh, num_classes=10, num_steps=100, channels=1)
   state = run.init_state(jax.random.PRNGKey(0))
   for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
     assert np.array_equal(a, b)  # The average starts at the initial parameters.
   rng = np.random.default_rng(0)
-  batch = train.to_global_batch({'image': rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32),
+  batch = sharding.to_global_batch({'image': rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32),
                                  'label': rng.integers(0, 10, 64).astype(np.int32)}, mesh)
   expected = jax.device_get(state.params)  # The step donates (deletes) its input state.
   for _ in range(3):
@@ -104,73 +100,3 @@ def test_moving_average_of_the_parameters_follows_the_polyak_update():
   assert train.setup(_small_config(), mesh, 10, 100, 1).abstract_state.ema_params is None  # Off: no copy.
   with pytest.raises(ValueError, match='ema_decay'):
     train.setup(_small_config(ema_decay=1.0), mesh, num_classes=10, num_steps=100, channels=1)
-
-
-def test_prefetch_to_mesh_keeps_order_and_yields_every_batch_on_the_devices():
-  mesh = train.make_mesh(_small_config().mesh)
-  batches = [{'image': np.full((4, 2), i, np.float32), 'label': np.full((4,), i, np.int32)} for i in range(5)]
-  out = list(train.prefetch_to_mesh(iter(batches), mesh, size=2))
-  assert [int(b['label'][0]) for b in out] == [0, 1, 2, 3, 4]
-  assert all(isinstance(b['image'], jax.Array) and b['image'].sharding == train.batch_sharding(mesh)
-             for b in out)
-
-
-_FAULTS_PER_BUFFER = '''
-import ctypes, resource, sys
-from vit_jax import train
-if sys.argv[1] == 'tuned':
-  assert train.keep_host_buffers_mapped()
-libc = ctypes.CDLL('libc.so.6')
-libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-
-def page_faults(size):  # A buffer like a step's temporaries, allocated as XLA does.
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  buffer = libc.malloc(size)
-  ctypes.memset(buffer, 1, size)
-  libc.free(buffer)
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-size = int(sys.argv[2]) << 20
-page_faults(size)  # The first one maps its pages either way.
-print(min(page_faults(size) for _ in range(3)))
-'''
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning')
-def test_cpu_training_reuses_large_host_buffers_instead_of_refaulting_them():
-  def faults(mode, mib):
-    out = subprocess.run([sys.executable, '-c', _FAULTS_PER_BUFFER, mode, str(mib)], capture_output=True,
-                         text=True, check=True, cwd=ROOT)
-    return int(out.stdout.split()[-1])
-  # glibc unmaps a freed block above 32 MiB: all its pages fault in again next time (4 KiB pages).
-  assert faults('plain', 64) > 10_000  # The default's 63 MiB.
-  assert faults('tuned', 64) < 1_000
-  assert faults('plain', 1024) > 200_000  # The order of ViT-B/16's 2.2 GiB: kept as well.
-  assert faults('tuned', 1024) < 1_000
-
-
-_DISPATCH_PROBE = '''
-import sys
-import jax, jax.numpy as jnp
-from vit_jax import train
-train.configure_host_cpu(None if sys.argv[1] == 'None' else int(sys.argv[1]))
-heavy = jax.jit(lambda x: jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), x))
-x = jnp.full((1024, 1024), 1e-3)
-heavy(x).block_until_ready()  # Compiled; the next call only runs (~0.1-0.5 s on 2 cores).
-out = heavy(x)
-print(jax.config.read('jax_cpu_enable_async_dispatch'), out.is_ready(), jax.device_count())
-'''
-
-
-def test_one_cpu_device_runs_each_step_on_the_calling_thread():
-  """With one CPU device the main job turns off async dispatch (faster: see `configure_host_cpu`); a jitted call
-  then returns with its result computed. Several devices keep dispatching asynchronously."""
-  def probe(num_devices, xla_flags=''):
-    result = subprocess.run([sys.executable, '-c', _DISPATCH_PROBE, str(num_devices)], cwd=ROOT,
-                            env={**os.environ, 'XLA_FLAGS': xla_flags}, capture_output=True, text=True,
-                            timeout=300, check=True)
-    return result.stdout.split()
-  assert probe(None) == ['False', 'True', '1']
-  assert probe(2) == ['True', 'False', '2']  # Returned while the 20 matmuls still ran.
-  assert probe(None, '--xla_force_host_platform_device_count=4') == ['True', 'False', '4']
-  assert probe(None, '--xla_force_host_platform_device_count=1') == ['False', 'True', '1']

@@ -4,7 +4,9 @@
 
 Each run is an ordinary `vit_jax.main` run in `<workdir>/<study>/<row>/seed_<n>`: an interrupted study
 resumes (a finished run's result is read back, an unfinished one continues from its checkpoint). Writes
-`<out>/<study>.json` and `<out>/<study>.md`, and for studies over training-set sizes `<out>/<study>.png` (accuracy against size, one line per model).
+`<out>/<study>.json` and `<out>/<study>.md`, and for studies over training-set sizes `<out>/<study>.png`
+(accuracy against size, one line per model). The host is set up once, as `vit_jax.main` sets it up
+(`host_cpu.setup`), so `--set=cpu_devices=N` applies to every row.
 """
 import json
 import os
@@ -18,6 +20,7 @@ from absl import logging
 import numpy as np
 
 from vit_jax import config_lib
+from vit_jax import host_cpu
 from vit_jax import models
 
 DEFAULT_STUDIES = os.path.join(os.path.dirname(__file__), '..', 'configs', 'ablations.py')
@@ -64,6 +67,33 @@ def finished_result(study_dir: str, label: str, seed: int):
     return json.load(f)
 
 
+def row_config(base, row: dict, seed: int, study_dir: str):
+  """The config of one row and seed: the base with the row's fields (and the seed) set."""
+  fields = {k: v.format(study_dir=study_dir, seed=seed) if isinstance(v, str) else v
+            for k, v in row.items() if k not in PLOT_KEYS}
+  return config_lib.override(base, {**fields, 'seed': seed})
+
+
+def load_study(study: str, config_path: str, extra: dict = None):
+  """The base config (with `extra` fields set) and the rows of a study; every row's config is validated
+  here, so a bad row fails before the first one trains."""
+  module = config_lib.load_config_module(config_path)
+  if study not in module.STUDIES:
+    raise ValueError(f'Unknown study {study!r}; {config_path} has {", ".join(module.STUDIES)}.')
+  base = config_lib.override(module.get_config(), extra or {})
+  table = module.STUDIES[study]
+  for label, row in table.items():
+    config = row_config(base, row, 0, '')
+    try:
+      config_lib.validate(config)
+    except ValueError as e:
+      raise ValueError(f'Row {label!r} of study {study!r}: {e}') from e
+    if config.cpu_devices != base.cpu_devices:
+      raise ValueError(f'Row {label!r} of study {study!r} sets cpu_devices, which is set once per process: '
+                       'set it for the whole study with --set=cpu_devices=N.')
+  return base, table
+
+
 def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
   """Trains one row with one seed in `<study_dir>/<row>/seed_<seed>`, or reads the result of a finished run
   there. String fields may name other runs of the study: "{study_dir}" and "{seed}" are filled in (e.g.
@@ -76,9 +106,7 @@ def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
     return finished
   workdir = os.path.join(study_dir, slug(label), f'seed_{seed}')
   result_path = os.path.join(workdir, RESULT_FILE)
-  fields = {k: v.format(study_dir=study_dir, seed=seed) if isinstance(v, str) else v
-            for k, v in row.items() if k not in PLOT_KEYS}
-  config = config_lib.override(base, {**fields, 'seed': seed})
+  config = row_config(base, row, seed, study_dir)
   start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
   info = input_pipeline.get_info(input_pipeline.get_builder(config.dataset, config.data_dir), config)
@@ -145,15 +173,11 @@ def plot_data_scale(lines: List[dict], path: str) -> None:
 
 def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Sequence[int],
               rows: Sequence[str] = None, extra: dict = None) -> List[dict]:
-  module = config_lib.load_config_module(config_path)
-  if study not in module.STUDIES:
-    raise ValueError(f'Unknown study {study!r}; {config_path} has {", ".join(module.STUDIES)}.')
-  table = module.STUDIES[study]
+  base, table = load_study(study, config_path, extra)
   unknown = set(rows or ()) - {slug(label) for label in table}
   if unknown:
     raise ValueError(f'Unknown rows {sorted(unknown)} in study {study!r}; it has '
                      f'{[slug(label) for label in table]}.')
-  base = config_lib.override(module.get_config(), extra or {})
   results = []
   for label, row in table.items():
     for seed in seeds:
@@ -184,8 +208,6 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
   args = flags.FLAGS
   extra = {}
   for item in args.set:
@@ -193,6 +215,10 @@ def main(argv):
     if not sep:
       raise app.UsageError(f'--set takes field=value, got {item!r}.')
     extra[key] = _parse_value(value)
+  base, _ = load_study(args.study, args.config, extra)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  host_cpu.setup(base)  # As vit_jax.main sets up its host: every row runs in this process.
   lines = run_study(args.study, args.config, args.workdir, args.out or args.workdir,
                     [int(s) for s in args.seeds], args.rows, extra)
   for line in lines:

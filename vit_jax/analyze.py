@@ -15,13 +15,13 @@ import os
 
 from absl import app
 from absl import flags
-import jax
 import matplotlib.pyplot as plt  # Without a display, matplotlib picks its file-only backend itself.
 import numpy as np
 
 from vit_jax import analysis
 from vit_jax import checkpoints
 from vit_jax import config_lib
+from vit_jax import host_cpu
 from vit_jax import models
 
 
@@ -173,6 +173,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   args = flags.FLAGS
+  host_cpu.setup()  # One CPU device, as the main job runs it.
   summary = analyze(args.workdir, args.out, args.num_images, args.step)
   print(json.dumps(summary, indent=1))
   print(f'Wrote the figures of step {summary["step"]} to {args.out}.')

@@ -95,6 +95,7 @@ def _config(job: dict):
   config.image_size = job['image_size']
   config.batch_size = job['batch']
   config.dtype = job['dtype']
+  config.total_steps = 10_000  # Only the schedule's length; nothing runs that long.
   return config
 
 
@@ -144,13 +145,14 @@ def jax_inference(job: dict) -> dict:
 def jax_train(job: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   config = _config(job)
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   run = train.setup(config, mesh, num_classes=1000, num_steps=10_000, channels=3)
   rng = np.random.default_rng(0)
   size = job['image_size']
-  batch = train.to_global_batch({
+  batch = sharding.to_global_batch({
       'image': rng.uniform(-1, 1, (job['batch'], size, size, 3)).astype(np.float32),
       'label': rng.integers(0, 1000, job['batch']).astype(np.int32)}, mesh)
   state = run.init_state(jax.random.PRNGKey(0))
@@ -171,9 +173,10 @@ def jax_train(job: dict) -> dict:
 
 def jax_compile(job: dict) -> dict:
   """The train step compiled ahead of time from abstract shapes (nothing runs)."""
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   config = _config(job)
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   config.batch_size = job['batch_per_device'] * mesh.devices.size
   run = train.setup(config, mesh, num_classes=1000, num_steps=100_000, channels=3)
   start = time.perf_counter()
@@ -251,10 +254,8 @@ def run_worker(job: dict) -> dict:
 
 def _worker_main(job: dict) -> None:
   if job['kind'] != 'timm':
-    from vit_jax import train  # pylint: disable=g-import-not-at-top
-    # The host set up as the main job sets it up: steps on the calling thread, step buffers kept mapped.
-    train.configure_host_cpu(None)
-    train.keep_host_buffers_mapped()
+    from vit_jax import host_cpu  # pylint: disable=g-import-not-at-top
+    host_cpu.setup()  # The host of the main job: one CPU device unless XLA_FLAGS says more.
   result = WORKERS[job['kind']](job)
   result['peak_rss_gib'] = _peak_rss_gib()
   print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -1,5 +1,9 @@
-"""Parameters in the layout of the published ViT checkpoints: `.npz` import and export, and loading
-pretrained weights into a model built for a new task (new head, resized position embeddings).
+"""Checkpoints: the train state in a workdir (orbax), parameters in the layout of the published ViT checkpoints
+(`.npz` import and export), and pretrained weights loaded into a model built for a new task (new head,
+resized position embeddings).
+
+A workdir holds `config.json` (`config_lib`) and `checkpoints/<step>/` (the orbax train state: step,
+parameters, optimizer state, moving average).
 
 A published file is a flat `np.savez` of arrays keyed by '/'-joined parameter paths, e.g.
 `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel`; our models use the same names, so
@@ -18,6 +22,7 @@ import orbax.checkpoint as ocp
 from vit_jax import models
 
 POSEMB_PATH = ('Transformer', 'posembed_input', 'pos_embedding')
+CHECKPOINT_DIR = 'checkpoints'  # Inside a workdir.
 
 
 class CheckpointError(ValueError):
@@ -66,19 +71,43 @@ def load_npz(path: str) -> Dict[str, Any]:
   return unflatten(flat)
 
 
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def is_workdir(path: str) -> bool:
+  """Whether `path` is a vit_jax.main workdir (with checkpoints), not a weights file."""
+  return os.path.isdir(checkpoint_dir(path))
+
+
+def train_state_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """The orbax manager of a workdir's train-state checkpoints, keeping the newest `keep`. Orbax writes each
+  checkpoint to a temporary folder and renames it when complete: a crash mid-save leaves the previous one as
+  the latest readable checkpoint."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def load_pretrained(source: str) -> Dict[str, Any]:
+  """Pretrained parameters from a vit_jax workdir (its latest checkpoint) or a published-layout `.npz`."""
+  if is_workdir(source):
+    params, _ = restore_params(source)
+    return params
+  return load_npz(source)
+
+
 def restore_params(workdir: str, step=None, ema=None):
   """The parameters of a workdir's checkpoint (latest by default), as numpy arrays on this host, whatever
   the mesh that wrote them. `ema`: the moving average of the parameters (`config.ema_decay` > 0) instead of
   the parameters; None: the average when the run kept one."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  directory = checkpoint_dir(os.path.abspath(workdir))
   if not os.path.isdir(directory):
     raise CheckpointError(f'No checkpoints in {workdir!r}: expected a vit_jax.main workdir with '
-                                      f'a checkpoints/ folder.')
+                          f'a {CHECKPOINT_DIR}/ folder.')
   with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as manager:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
-      raise CheckpointError(f'No checkpoint of step {step} in {directory}; it has '
-                                        f'{manager.all_steps()}.')
+      raise CheckpointError(f'No checkpoint of step {step} in {directory}; it has {manager.all_steps()}.')
     metadata = dict(manager.item_metadata(step))
     has_ema = metadata.get('ema_params') is not None
     if ema and not has_ema:

@@ -55,10 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The batch is split over both axes; arrays of at least `min_shard_size` elements (the kernels) are split
   # along the fsdp axis, the rest is replicated.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
-  # Runs on CPUs only: split each process's CPU into this many JAX devices (None: one). Small models do not
-  # keep 2 cores busy from one device; two devices of half the batch each ran ~1.3x faster on 2 cores, but one
-  # such run aborted in XLA's in-process all-reduce (rendezvous timeout) while other jobs oversubscribed the
-  # CPU (README). An explicit XLA_FLAGS=--xla_force_host_platform_device_count wins over it.
+  # Runs on CPUs only: split each process's CPU into this many JAX devices (None: one; `host_cpu.setup`).
+  # One device is the default: it needs no collective, and its steps run on the calling thread (BENCHMARKS.md
+  # compares the two). A device count in XLA_FLAGS (--xla_force_host_platform_device_count) wins over it.
   config.cpu_devices = config_dict.placeholder(int)
 
   # Fine-tuning: start from a published-layout .npz or a vit_jax workdir instead of random weights (only when
@@ -70,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   # What to learn: 'classification' (labels), or 'masked_patches': self-supervised masked patch prediction
   # (paper Sec. 4.6; labels unused, the eval metric is the accuracy of the predicted patch colours).
   config.objective = 'classification'
-  config.mpp = ml_collections.ConfigDict(dict(
+  config.masked_patches = ml_collections.ConfigDict(dict(
       corrupt_fraction=0.5,  # Patches corrupted per image; of those:
       mask_prob=0.8,  # replaced by the learned [mask] embedding,
       random_prob=0.1,  # replaced by a random other patch's embedding (the rest stay as they are).
@@ -90,10 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule = 'linear'  # 'linear' or 'cosine' decay after warmup.
   config.warmup_steps = 10_000
   config.label_smoothing = 0.0
-  config.accum_steps = 1
+  config.accum_steps = 1  # Gradient accumulation: the batch is processed in this many micro-batches.
   # Polyak averaging: evaluate (and export) an exponential moving average of the parameters as well; 0 turns
   # it off. The paper used 0.9999 when fine-tuning ViT-L/16 at 512px. Costs one more copy of the parameters.
-  config.ema_decay = 0.0  # Gradient accumulation: the batch is processed in this many micro-batches.
+  config.ema_decay = 0.0
 
   # Book-keeping.
   config.log_every_steps = 100
@@ -115,8 +114,59 @@ def load_config_module(path: str):
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """The `get_config()` of a config file, as `--config path` would load it (for scripts and tests)."""
-  return load_config_module(path).get_config()
+  """The config of `path` or `path:arg` (`get_config()` or `get_config(arg)`), as `--config` loads it."""
+  path, sep, arg = path.partition(':') if not os.path.exists(path) else (path, '', '')
+  module = load_config_module(path)
+  return module.get_config(arg) if sep else module.get_config()
+
+
+# The values some fields take (the names are checked by `validate` before anything starts).
+OBJECTIVES = ('classification', 'masked_patches')
+OPTIMIZERS = ('adam', 'sgd')
+SCHEDULES = ('linear', 'cosine')
+DTYPES = ('float32', 'bfloat16')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks what the config alone decides, before any JAX or TensorFlow work: a bad setting fails at once
+  with a message naming the field and the fix. (What depends on devices, data or the model is checked where
+  it is known: batch vs devices in `sharding`, image vs patch size in `models`.)"""
+  problems = []
+
+  def check(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  for field, choices in (('objective', OBJECTIVES), ('optimizer', OPTIMIZERS), ('schedule', SCHEDULES),
+                         ('dtype', DTYPES)):
+    check(config[field] in choices, f'Unknown {field} {config[field]!r}: choose one of {", ".join(choices)} '
+                                    f'(--config.{field}=...).')
+  check(config.lr is not None and config.lr > 0,
+        f'config.lr={config.lr}: the learning rate must be positive (a negative one ascends the loss).')
+  check(0.0 <= config.ema_decay < 1.0, f'config.ema_decay={config.ema_decay} must be in [0, 1): 0 turns the '
+                                       'moving average off, the paper used 0.9999.')
+  check(bool(config.total_steps) or bool(config.num_epochs), 'Set --config.total_steps or --config.num_epochs.')
+  check(config.batch_size > 0, f'config.batch_size={config.batch_size} must be positive.')
+  check(config.accum_steps >= 1 and config.batch_size % config.accum_steps == 0,
+        f'config.accum_steps={config.accum_steps} must be a positive divisor of the batch size '
+        f'{config.batch_size}.')
+  check(config.cpu_devices is None or config.cpu_devices >= 1,
+        f'config.cpu_devices={config.cpu_devices}: give a positive device count, or None for one.')
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    check(config[field] >= 1, f'config.{field}={config[field]} must be at least 1.')
+  check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
+  check(config.init_from != '', 'This config fine-tunes pretrained weights: set --config.init_from to a '
+                                'published-layout .npz (e.g. ViT-B_16.npz) or to the workdir of a vit_jax run.')
+  if config.objective == 'masked_patches':
+    check(not config.init_from, 'Masked patch prediction pretrains from scratch: unset --config.init_from, or '
+                                'fine-tune with --config.objective=classification.')
+    settings = config.masked_patches
+    check(0.0 < settings.corrupt_fraction <= 1.0 and settings.mask_prob >= 0 and settings.random_prob >= 0
+          and settings.mask_prob + settings.random_prob <= 1.0,
+          f'config.masked_patches={settings.to_dict()}: corrupt_fraction must be in (0, 1], mask_prob and '
+          'random_prob non-negative with a sum of at most 1.')
+  if problems:
+    raise ValueError('Invalid config:\n  ' + '\n  '.join(problems))
 
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -18,6 +18,8 @@ from ml_collections import config_flags
 
 import tensorflow as tf
 
+from vit_jax import config_lib
+from vit_jax import host_cpu
 from vit_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py.',
@@ -58,13 +60,14 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config_lib.validate(_CONFIG.value)
   # tf.data only feeds the host; keep TensorFlow off any accelerator that JAX needs.
   tf.config.set_visible_devices([], 'GPU')
   # Orbax and tfds narrate every file they touch at INFO; keep their warnings, drop the chatter.
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= py_logging.WARNING or not any(
           part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/')))
-  train.configure_host_cpu(_CONFIG.value.cpu_devices)
+  host_cpu.setup(_CONFIG.value)
   initialize_distributed()
   workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
   result = train.train_and_evaluate(_CONFIG.value, workdir)

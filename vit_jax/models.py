@@ -352,7 +352,7 @@ MEAN_COLOUR_BITS = 3
 class PatchCorruption:
   """Which patch embeddings to corrupt, per image and patch (batch, num_patches): `mask` ones become the learned
   [mask] embedding; `replace_with` >= 0 become the embedding at that index of the batch's flattened
-  (batch * num_patches) patches; -1 keeps the patch. `vit_jax.mpp.sample_corruption` draws them."""
+  (batch * num_patches) patches; -1 keeps the patch. `vit_jax.masked_patches.sample_corruption` draws them."""
   mask: jax.Array
   replace_with: jax.Array
 

@@ -19,7 +19,7 @@ our model adds, so timm's learned `pos_embed` reproduces them exactly. timm's Vi
 models with `representation_size` cannot be exported (fine-tune without it, as the paper does).
 """
 import functools
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import flax
 import jax

@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_main
+from vit_jax import config_lib
+from vit_jax import masked_patches
 from vit_jax import models
-from vit_jax import mpp
+from vit_jax import sharding
 from vit_jax import train
 
 
 def test_corruption_selects_half_and_splits_80_10_10():
-  config = load_config('default.py').mpp
-  corruption, selected = mpp.sample_corruption(jax.random.PRNGKey(0), batch=512, num_patches=16, config=config)
+  config = load_config('default.py').masked_patches
+  corruption, selected = masked_patches.sample_corruption(jax.random.PRNGKey(0), batch=512, num_patches=16,
+                                                         config=config)
   selected, mask, replace = map(np.asarray, (selected, corruption.mask, corruption.replace_with))
   assert np.all(selected.sum(1) == 8)  # Exactly half of each image's patches.
   assert not np.any(mask & ~selected) and not np.any((replace >= 0) & ~selected)
@@ -30,10 +33,10 @@ def test_mean_colour_classes():
   images[0, :2, 2:] = 1.0  # patch (0, 1) white: 7 + 7*8 + 7*64 = 511,
   images[0, 2:, :2, 0] = 0.0  # patch (1, 0) half red: level 4 of 8 -> 4,
   images[0, 2:, 2:, 2] = np.array([[-1, 1], [1, 1]])  # patch (1, 1) mean blue 0.75 -> level 6 -> 6 * 64.
-  assert mpp.mean_colour_classes(jnp.asarray(images), 2).tolist() == [[0, 511, 4, 384]]
+  assert masked_patches.mean_colour_classes(jnp.asarray(images), 2).tolist() == [[0, 511, 4, 384]]
   # 4 patches of 2x2, means -0.857, -0.286, 0.286, 0.857 -> (mean + 1) / 2 * 8 = 0.57, 2.86, 5.14, 7.43.
   grey = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 1, 8, 1).repeat(2, 1)
-  assert mpp.mean_colour_classes(jnp.asarray(grey), 2).tolist() == [[0, 2, 5, 7]]
+  assert masked_patches.mean_colour_classes(jnp.asarray(grey), 2).tolist() == [[0, 2, 5, 7]]
 
 
 def test_masked_patches_replace_the_input():
@@ -60,7 +63,7 @@ def test_masked_patch_training_lowers_the_loss_and_ignores_labels():
   config = load_config('digits.py')
   config.model.num_layers = 2
   config.update(dict(objective='masked_patches', lr=3e-3, warmup_steps=0))
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   run = train.setup(config, mesh, num_classes=10, num_steps=100, channels=1)
   state = run.init_state(jax.random.PRNGKey(0))
   assert 'mpp_head' in state.params and 'head' not in state.params
@@ -70,18 +73,18 @@ def test_masked_patch_training_lowers_the_loss_and_ignores_labels():
   batch = {'image': images, 'label': rng.integers(0, 10, 64).astype(np.int32)}
   losses = []
   for _ in range(15):
-    state, metrics = run.train_fn(state, train.to_global_batch(batch, mesh))
+    state, metrics = run.train_fn(state, sharding.to_global_batch(batch, mesh))
     losses.append(float(metrics['loss']))
   assert losses[0] > losses[-1] + 0.3
-  relabelled = train.to_global_batch({**batch, 'label': (batch['label'] + 1) % 10, 'mask': np.ones(64)}, mesh)
-  same = train.to_global_batch({**batch, 'mask': np.ones(64)}, mesh)
+  relabelled = sharding.to_global_batch({**batch, 'label': (batch['label'] + 1) % 10, 'mask': np.ones(64)}, mesh)
+  same = sharding.to_global_batch({**batch, 'mask': np.ones(64)}, mesh)
   a, b = run.eval_fn(state.params, same), run.eval_fn(state.params, relabelled)
   assert float(a['count']) == 64 * 8  # Half of the 16 patches of each image.
   assert float(a['loss']) == float(b['loss'])
   unknown = config.copy_and_resolve_references()
   unknown.objective = 'mae'
-  with pytest.raises(ValueError, match='Unknown objective'):
-    train.mpp_config(unknown)
+  with pytest.raises(ValueError, match="Unknown objective 'mae'"):
+    config_lib.validate(unknown)
 
 
 def test_pretrain_by_masked_patches_then_fine_tune(tmp_path, data_dir):

@@ -3,8 +3,9 @@
 Half of the patch embeddings are corrupted (of those, 80% become a learned [mask] embedding, 10% the
 embedding of a random other patch, 10% stay as they are) and the model predicts the 3-bit mean colour of each
 corrupted patch (512 classes for RGB, 8 for grey images) from its output token. The main job pretrains this
-way with `--config.objective=masked_patches`; `--config.init_from` that workdir then fine-tunes as usual (the
-[mask] embedding and the prediction head are dropped).
+way with `--config.objective=masked_patches` (settings in `config.masked_patches`; the objective itself is in
+`objectives.py`); `--config.init_from` that workdir then fine-tunes as usual (the [mask] embedding and the
+prediction head are dropped).
 """
 from typing import Tuple
 

@@ -1,0 +1,101 @@
+"""The host process set up for JAX's CPU backend, before JAX starts its backends.
+
+Every entry point (`vit_jax.main`, `vit_jax.ablate`, the benchmark's workers, the notebooks) calls `setup`
+first, so that a run gets the same host wherever it starts:
+- the CPU split into `config.cpu_devices` JAX devices (a device count in XLA_FLAGS wins);
+- with one CPU device, each step run on the calling thread (no async dispatch);
+- glibc's allocator told to keep freed step buffers mapped (Linux with glibc, CPU backend only).
+
+The measurements behind these choices are in BENCHMARKS.md ("Host setup on CPU").
+"""
+import ctypes
+import importlib.util
+import os
+import re
+from typing import Optional
+
+from absl import logging
+import jax
+
+# glibc mallopt parameters (malloc.h); their values are C ints.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_INT_MAX = 2**31 - 1
+
+# What `setup` did in this process (None: not called yet); read by tests and the progress log.
+applied: Optional[dict] = None
+
+
+def forced_device_count() -> Optional[int]:
+  """The CPU device count given in XLA_FLAGS (--xla_force_host_platform_device_count), if any."""
+  match = re.search(r'xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
+  return int(match.group(1)) if match else None
+
+
+def _backends_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
+
+
+def runs_on_cpu() -> bool:
+  """Whether JAX's default backend is (or, before it starts, will be) the CPU: answered without starting it,
+  from JAX_PLATFORMS and the accelerator plugins installed."""
+  if _backends_started():
+    return jax.default_backend() == 'cpu'
+  platforms = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  accelerator_modules = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+                         'jax_rocm7_plugin')
+  return not any(importlib.util.find_spec(name) is not None for name in accelerator_modules)
+
+
+def keep_freed_buffers_mapped() -> bool:
+  """Every malloc'ed block from the heap, and up to 2 GiB of freed memory kept at its top.
+
+  XLA:CPU mallocs a step's temporaries as one block. glibc serves blocks above 32 MiB with a fresh mmap and
+  unmaps them on free, so each step would fault all their pages in again; with these settings the next step
+  reuses the same pages (peak RSS unchanged). Returns whether glibc took the settings.
+  """
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+  except OSError:
+    return False  # Not glibc (macOS, musl): nothing to tune.
+  return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) and
+              libc.mallopt(_M_TOP_PAD, _INT_MAX))
+
+
+def setup(config=None, cpu_devices: Optional[int] = None) -> dict:
+  """Sets up the host from `config.cpu_devices` (or `cpu_devices`); call before any JAX computation.
+
+  Returns (and keeps in `applied`) what was set: the CPU device count, whether async dispatch is on, and
+  whether the allocator was tuned. Accelerator runs are left alone: their devices are the accelerators.
+  """
+  global applied
+  if config is not None:
+    cpu_devices = config.get('cpu_devices')
+  if cpu_devices is not None and cpu_devices < 1:
+    raise ValueError(f'config.cpu_devices={cpu_devices}: give a positive device count, or None for one.')
+  on_cpu = runs_on_cpu()
+  if _backends_started():
+    # Too late to change the device count or the dispatch mode: report what this process has.
+    logging.warning('host_cpu.setup called after JAX started its backends: the CPU device count and dispatch '
+                    'mode stay as they are.')
+  else:
+    forced = forced_device_count()
+    if cpu_devices is not None and forced is None:
+      jax.config.update('jax_num_cpu_devices', cpu_devices)
+    if on_cpu and (forced or cpu_devices or 1) == 1:
+      # A helper thread's glibc arena (mmapped heaps of at most 64 MiB) cannot keep a step's block; the main
+      # thread's heap can. Several devices run their partitions on a thread pool anyway, so they keep async.
+      jax.config.update('jax_cpu_enable_async_dispatch', False)
+  applied = {
+      'cpu': on_cpu,
+      'cpu_devices': forced_device_count() or max(jax.config.jax_num_cpu_devices, 1),
+      'async_dispatch': bool(jax.config.read('jax_cpu_enable_async_dispatch')),
+      'allocator_tuned': on_cpu and keep_freed_buffers_mapped(),
+  }
+  if on_cpu:
+    logging.info('Host setup: %d CPU device(s), async dispatch %s, freed buffers kept mapped: %s.',
+                 applied['cpu_devices'], 'on' if applied['async_dispatch'] else 'off',
+                 applied['allocator_tuned'])
+  return applied
