@@ -60,6 +60,7 @@ STUDIES = {{'scale': {{
 '''
 
 
+@pytest.mark.slow
 def test_run_study_trains_each_row_writes_table_and_plot_and_resumes(tmp_path, data_dir):
   config_file = tmp_path / 'study.py'
   config_file.write_text(STUDY_FILE.format(config_dir=CONFIG_DIR, data_dir=data_dir))

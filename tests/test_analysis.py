@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
+import pytest
 
 from conftest import ROOT, run_main
 from vit_jax import analysis
@@ -77,6 +78,7 @@ def test_attention_weights_of_scanned_and_unrolled_models_agree():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_analyze_command_writes_the_figures_of_a_trained_run(tmp_path, data_dir):
   workdir, out = tmp_path / 'run', tmp_path / 'figures'
   run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=2', f'--config.data_dir={data_dir}',

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -14,6 +16,7 @@ def _analytic_forward_flops(tokens, dim, mlp_dim, layers, patch, channels, class
   return layers * per_layer + 2 * (tokens - 1) * patch * patch * channels * dim + 2 * dim * classes
 
 
+@pytest.mark.slow
 def test_benchmark_reports_speed_flops_and_memory_side_by_side(tmp_path):
   compare = ['--compare=timm'] if importlib.util.find_spec('timm') else []
   out = tmp_path / 'bench.json'

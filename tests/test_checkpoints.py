@@ -134,6 +134,7 @@ def test_mismatches_and_broken_files_get_clear_errors(tmp_path):
     checkpoints.load_npz(str(tmp_path / 'missing.npz'))
 
 
+@pytest.mark.slow
 def test_export_command_writes_the_trained_parameters(tmp_path, data_dir):
   workdir = tmp_path / 'run'
   run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
@@ -155,6 +156,7 @@ def test_export_command_writes_the_trained_parameters(tmp_path, data_dir):
   assert missing.returncode != 0 and 'No checkpoints in' in missing.stderr
 
 
+@pytest.mark.slow
 def test_fine_tuning_at_higher_resolution_from_a_workdir_and_from_an_npz(tmp_path, data_dir):
   """Pretrain on 8x8 digits, fine-tune at 16x16 (4x4 -> 8x8 patch grid) with the SGD recipe, from the
   workdir and from its exported .npz: both start from the same weights and end in the same place."""

@@ -26,6 +26,7 @@ def _write_images(directory, count, value, rng):
       f.write(data)
 
 
+@pytest.mark.slow
 def test_class_folders_with_a_held_out_fraction_train_through_the_main_job(tmp_path, data_dir):
   rng = np.random.default_rng(0)
   root = tmp_path / 'pets'

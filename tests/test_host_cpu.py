@@ -31,6 +31,7 @@ print(min(page_faults(size) for _ in range(3)))
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning')
 def test_cpu_training_reuses_large_host_buffers_instead_of_refaulting_them():
   def faults(mode, mib):
@@ -57,6 +58,7 @@ print(jax.config.read('jax_cpu_enable_async_dispatch'), out.is_ready(), jax.devi
 '''
 
 
+@pytest.mark.slow
 def test_one_cpu_device_runs_each_step_on_the_calling_thread():
   """With one CPU device the main job turns off async dispatch (`host_cpu.setup`); a jitted call
   then returns with its result computed. Several devices keep dispatching asynchronously."""

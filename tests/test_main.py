@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from conftest import ROOT, run_main
 
@@ -22,6 +23,7 @@ def _restore_params(workdir, step):
   return manager.restore(step, args=ocp.args.StandardRestore())['params']
 
 
+@pytest.mark.slow
 def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, data_dir):
   workdir = tmp_path / 'run'
   result = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150',
@@ -54,6 +56,7 @@ def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, da
   assert 'Give a new --workdir' in changed.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   flags = (*TINY, f'--config.data_dir={data_dir}', '--config.total_steps=60', '--config.checkpoint_every_steps=20',
            '--config.log_every_steps=20', '--config.eval_every_steps=1000')
@@ -79,6 +82,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_main_job_on_several_devices_and_an_indivisible_batch(tmp_path, data_dir):
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   # A device count in XLA_FLAGS wins over config.cpu_devices.
@@ -92,9 +96,10 @@ def test_main_job_on_several_devices_and_an_indivisible_batch(tmp_path, data_dir
   assert 'batch size 33 is not divisible by the number of devices it is split over (2: data=2 x fsdp=1)' in bad.stderr
 
 
+@pytest.mark.slow
 def test_main_job_errors_are_clear(tmp_path, data_dir):
-  missing = run_main(tmp_path / 'a', '--config=configs/vit_b16.py', f'--config.data_dir={tmp_path}/empty',
-                     check=False)
+  missing = run_main(tmp_path / 'a', '--config=configs/vit_imagenet.py:B/16',
+                     f'--config.data_dir={tmp_path}/empty', check=False)
   assert missing.returncode != 0 and "'imagenet2012' is not prepared in" in missing.stderr
   assert 'tfds build imagenet2012' in missing.stderr
   unknown = run_main(tmp_path / 'b', *TINY, f'--config.data_dir={data_dir}', '--config.model.name=ViT-Q/16',
@@ -103,6 +108,11 @@ def test_main_job_errors_are_clear(tmp_path, data_dir):
   patch = run_main(tmp_path / 'c', *TINY, f'--config.data_dir={data_dir}', '--config.model.name=ViT-mu/3',
                    check=False)
   assert patch.returncode != 0 and 'image size 8x8 is not divisible by the patch size 3' in patch.stderr
+  # Config-only mistakes fail before JAX or TensorFlow start work: no dataset is built, no workdir written.
+  ascent = run_main(tmp_path / 'd', *TINY, f'--config.data_dir={tmp_path}/untouched', '--config.lr=-0.001',
+                    check=False)
+  assert ascent.returncode != 0 and 'config.lr=-0.001: the learning rate must be positive' in ascent.stderr
+  assert not os.path.exists(tmp_path / 'd') and not os.path.exists(tmp_path / 'untouched')
 
 
 def test_multi_process_jobs_are_detected_from_the_cluster_environment(monkeypatch):

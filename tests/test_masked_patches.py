@@ -87,6 +87,7 @@ def test_masked_patch_training_lowers_the_loss_and_ignores_labels():
     config_lib.validate(unknown)
 
 
+@pytest.mark.slow
 def test_pretrain_by_masked_patches_then_fine_tune(tmp_path, data_dir):
   """The main job pretrains on images alone, then fine-tunes from that workdir ([mask] and colour head
   dropped, a zero classification head added)."""

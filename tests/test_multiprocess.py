@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 LAUNCH = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
@@ -33,6 +35,7 @@ def _final(log):
   return accuracy[1], loss[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_agree_and_a_second_pair_resumes_their_checkpoint(tmp_path, data_dir):
   workdir = tmp_path / 'run'
   first = _launch(tmp_path / 'logs_first', workdir, data_dir, total_steps=6)
@@ -52,6 +55,7 @@ def test_two_processes_train_agree_and_a_second_pair_resumes_their_checkpoint(tm
   assert _final(second[0]) == _final(second[1])
 
 
+@pytest.mark.slow
 def test_launch_scripts_parse_and_explain_themselves():
   for script in ('local_multiprocess.sh', 'tpu_vm.sh', 'slurm_gpu.sbatch'):
     path = os.path.join(ROOT, 'launch', script)

@@ -1,5 +1,7 @@
-"""The notebooks run end to end on tiny settings (VIT_NOTEBOOK_TINY=1), so they never rot."""
+"""The notebooks run end to end on tiny settings (VIT_NOTEBOOK_TINY=1), so they never rot; the committed ones
+show the results of a real run (`python notebooks/execute.py`)."""
 import os
+import re
 
 import nbclient
 import nbformat
@@ -10,6 +12,7 @@ from conftest import ROOT
 NOTEBOOKS = ['classify_and_attention', 'finetune_image_folder', 'analysis_figures']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NOTEBOOKS)
 def test_notebook_runs(name, tmp_path, data_dir, monkeypatch):
   monkeypatch.setenv('VIT_NOTEBOOK_TINY', '1')
@@ -30,3 +33,23 @@ def test_notebook_runs(name, tmp_path, data_dir, monkeypatch):
     assert 'of these 16 test images right' in text and any('image/png' in o.get('data', {}) for o in outputs)
   if name == 'finetune_image_folder':
     assert 'fine-tuned test accuracy' in text
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_committed_notebook_shows_the_results_of_a_full_run(name):
+  book = nbformat.read(os.path.join(ROOT, 'notebooks', f'{name}.ipynb'), as_version=4)
+  code = [cell for cell in book.cells if cell.cell_type == 'code']
+  assert all(cell.get('execution_count') for cell in code), 'a cell was not run: python notebooks/execute.py'
+  outputs = [o for cell in code for o in cell.get('outputs', [])]
+  assert not [o for o in outputs if o.output_type == 'error']
+  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  assert 'working in' in text
+  figures = sum('image/png' in o.get('data', {}) for o in outputs)
+  if name == 'analysis_figures':
+    assert figures == 4
+  if name == 'classify_and_attention':
+    right = re.search(r'step \d+: (\d+)% of these 16 test images right', text)
+    assert right and int(right[1]) >= 75 and figures >= 1  # A full run, not the tiny one.
+  if name == 'finetune_image_folder':
+    accuracy = re.search(r'fine-tuned test accuracy (\d\.\d+)', text)
+    assert accuracy and float(accuracy[1]) > 0.9

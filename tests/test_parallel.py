@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pytest
+
 from conftest import ROOT, load_config
 from vit_jax import sharding
 from vit_jax import train
@@ -75,6 +77,7 @@ print('RESULT' + json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_same_step_on_one_device_and_on_data_and_fsdp_meshes_of_eight():
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,

@@ -72,6 +72,7 @@ def test_state_dict_uses_timm_key_names_and_rejects_a_pre_logits_layer():
     timm_layout.state_dict(params)
 
 
+@pytest.mark.slow
 def test_export_torch_command_writes_a_state_dict_timm_loads(tmp_path, data_dir):
   """A trained workdir (with a moving average) -> `--format torch` -> timm gives our model's logits."""
   workdir = tmp_path / 'run'

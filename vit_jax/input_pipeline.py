@@ -163,5 +163,5 @@ def eval_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: i
 
 
 def process_batch_size(global_batch_size: int) -> int:
-  """This process's share of the global batch (`train.check_batch_size` checks it splits over devices)."""
+  """This process's share of the global batch (`sharding.check_batch_size` checks it splits over devices)."""
   return global_batch_size // jax.process_count()

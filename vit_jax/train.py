@@ -1,8 +1,9 @@
-"""Training pieces: optimizer and schedule, train state, and `train_step` / `eval_step` as plain functions.
+"""Training: optimizer and schedule, train state, `train_step` / `eval_step` as plain functions, their jitted
+setup, and the loop (`train_and_evaluate`).
 
-The steps are jitted over a device `Mesh` with `data` and `fsdp` axes: the batch is split over both, large
-parameters and their optimizer state along `fsdp`. The same code runs on one CPU device, on simulated devices
-and on a pod.
+The steps are jitted over the device mesh of `sharding.py` with the shardings it gives; the loss comes from
+the run's objective (`objectives.py`). The same code runs on one CPU device, on simulated devices and on a
+pod.
 """
 import dataclasses
 import time
