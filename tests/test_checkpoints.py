@@ -83,7 +83,9 @@ def test_relative_position_biases_are_resized_for_a_larger_grid():
     checkpoints.resize_relative_bias(table[:-2], (6, 6))
 
 
-@pytest.mark.parametrize('name', models.PAPER_VARIANTS)
+# The hybrid's ResNet stem takes most of the time: the full suite's.
+@pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name.startswith('R50') else name
+                                  for name in models.PAPER_VARIANTS])
 def test_every_variant_loads_for_fine_tuning_at_higher_resolution(name, tmp_path):
   """One layer of each variant (per-layer shapes as published): export at 224px with 1000 classes, load into
   the 384px model (392px for patch 14) with 10 classes: new zero head, 2-D resized position embeddings, the

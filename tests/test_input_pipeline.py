@@ -29,6 +29,7 @@ def test_digits_build_into_a_tfds_dataset_with_stratified_splits(data_dir):
   assert counts.min() >= 34 and counts.max() <= 37, counts
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(os.path.exists(d) for d in embedded.FASHION_MNIST_DIRS),
                     reason='dataset-fashion-mnist is not installed (CI installs it)')
 def test_fashion_mnist_builds_from_the_debian_files(data_dir):

@@ -31,6 +31,7 @@ def test_paper_parameter_counts(name, expected):
   assert models.count_params(models.get_model(name, num_classes=1000), image_size=224) == expected
 
 
+@pytest.mark.slow
 def test_every_paper_variant_has_a_registry_entry_and_output_shape():
   for name in models.PAPER_VARIANTS:
     model = models.get_model(name, num_classes=7)
@@ -255,7 +256,8 @@ def test_parse_variant_accepts_published_file_names():
   assert models.parse_variant('R50+ViT-B_16')['patch_size'] == 1
 
 
-@pytest.mark.parametrize('remat,scan', [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize('remat,scan', [pytest.param(True, False, marks=pytest.mark.slow), (False, True),
+                                         pytest.param(True, True, marks=pytest.mark.slow)])
 def test_scan_and_remat_match_the_plain_model(remat, scan):
   """Same outputs and gradients; scanned parameters convert to the published layout."""
   kwargs = dict(num_classes=10, patch_size=4, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=3,

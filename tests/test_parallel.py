@@ -99,6 +99,7 @@ def test_same_step_on_one_device_and_on_data_and_fsdp_meshes_of_eight():
     assert np.prod(out[layout]['kernel_shard']) * fsdp == np.prod(out[layout]['kernel_shape'])
 
 
+@pytest.mark.slow
 def test_accumulating_four_micro_batches_equals_one_full_batch_step():
   mesh = sharding.make_mesh(_config().mesh)
   batches = [_batch(32, seed=s) for s in range(2)]
@@ -112,6 +113,7 @@ def test_accumulating_four_micro_batches_equals_one_full_batch_step():
   assert 'while' in run.train_fn.lower(run.abstract_state, run.abstract_batch).as_text()
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bf16_and_keeps_float32_weights():
   mesh = sharding.make_mesh(_config().mesh)
   batches = [_batch(32)] * 3
