@@ -35,7 +35,9 @@ setuptools.setup(
     ],
     extras_require={
         'torch': TORCH,
-        # nbclient + ipykernel: the notebooks run in the test suite.
-        'test': ['pytest>=8.0', 'pytest-timeout>=2.3', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29', *TORCH],
+        # nbclient + ipykernel: the notebooks run in the test suite; pytest-xdist: the fast loop on both cores
+        # (`-m "not slow" -n 2`).
+        'test': ['pytest>=8.0', 'pytest-timeout>=2.3', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.9',
+                 'ipykernel>=6.29', *TORCH],
     },
 )

@@ -144,6 +144,7 @@ def test_relative_position_bias_acts_on_attention():
   np.testing.assert_allclose(fused, explicit, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resnet_baseline_layout_and_errors():
   model = models.get_model('BiT-R26x1', num_classes=10)
   params = _abstract_params(model, 32, channels=1)
@@ -175,6 +176,7 @@ def test_position_embeddings_change_the_output_unless_none():
     assert np.allclose(a, b, atol=1e-5) == invariant, posemb
 
 
+@pytest.mark.slow
 def test_hybrid_runs_at_small_size():
   model = models.get_model('R50+ViT-Ti/16', num_classes=3, num_layers=1, resnet_layers=(1, 1, 1))
   images = jnp.zeros((2, 64, 64, 3))
