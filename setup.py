@@ -30,6 +30,8 @@ setuptools.setup(
         'importlib_resources>=6.0',
         # The pip-only embedded dataset (configs/digits.py).
         'scikit-learn>=1.3',
+        # Position-embedding interpolation as the published fine-tuning code does it (ndimage.zoom).
+        'scipy>=1.10',
         # Figures of vit_jax.analyze (PNG files).
         'matplotlib>=3.7',
     ],

@@ -101,7 +101,8 @@ def test_an_ablation_run_gets_the_same_host_setup_as_the_main_job(cpu_devices, t
   study.write_text(STUDY_FILE.format(config_dir=CONFIG_DIR, data_dir=data_dir))
   devices = [] if cpu_devices is None else [f'--config.cpu_devices={cpu_devices}']
   main = run_main(tmp_path / 'main', '--config=configs/digits.py', f'--config.data_dir={data_dir}',
-                  '--config.model.num_layers=1', '--config.total_steps=4', '--config.eval_batch_size=64', *devices, env={'XLA_FLAGS': ''})
+                  '--config.model.num_layers=1', '--config.total_steps=4', '--config.eval_batch_size=64', *devices,
+                  env={'XLA_FLAGS': ''})
   ablate = subprocess.run(
       [sys.executable, '-m', 'vit_jax.ablate', '--study=one', f'--config={study}',
        f'--workdir={tmp_path / "ab"}', *([] if cpu_devices is None else [f'--set=cpu_devices={cpu_devices}'])],

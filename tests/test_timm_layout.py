@@ -1,4 +1,5 @@
-"""Our weights in timm: the exported state_dict, loaded into timm's VisionTransformer, gives our logits.
+"""Our weights in timm: the exported state_dict, loaded into timm's VisionTransformer (or ResNetV2), gives our
+logits, for every kind of model the project trains.
 
 torch and timm come with the `torch` extra. Without them these tests skip, unless VIT_JAX_REQUIRE_TORCH=1
 (set by CI, which installs the extra), where a missing install fails instead of hiding.
@@ -36,10 +37,20 @@ def _timm_logits(timm_model, images: np.ndarray) -> np.ndarray:
     ('ViT-mu/4', dict(classifier='gap', posemb='sincos_2d'), 32),
     ('ViT-mu/4', dict(classifier='token', posemb='learn_2d'), 24),
     ('ViT-mu/4', dict(classifier='gap', posemb='none'), 16),
-    ('R50+ViT-B/16', dict(hidden_size=64, mlp_dim=128, num_heads=4, resnet_layers=(1, 2, 1)), 64),
+    pytest.param('R50+ViT-B/16', dict(hidden_size=64, mlp_dim=128, num_heads=4, resnet_layers=(1, 2, 1)), 64,
+                 marks=pytest.mark.slow),  # The ResNet stem compiles slowly: the full suite's.
+    # The default's shape: a 3x3 convolutional stem before 7x7 patches, [CLS].
+    ('ViT-mu/7', dict(classifier='token', conv_stem=(32,)), 28),
+    ('ViT-mu/4', dict(classifier='gap', conv_stem=(8, 16), posemb='sincos_2d'), 16),
+    # The ImageNet pretraining configs' pre-logits layer.
+    ('ViT-mu/4', dict(classifier='token', representation_size=48), 16),
+    # The paper's CNN baseline (configs/ablations.py, data_scale).
+    ('BiT-R26x1', dict(resnet_layers=(1, 1)), 32),
 ])
 def test_timm_model_with_our_weights_gives_our_logits(name, overrides, image_size):
-  model = models.get_model(name, 7, num_layers=2, **overrides)
+  if not name.startswith('BiT-'):
+    overrides = dict(num_layers=2, **overrides)
+  model = models.get_model(name, 7, **overrides)
   images = jax.random.uniform(jax.random.PRNGKey(1), (3, image_size, image_size, 3), minval=-1, maxval=1)
   params = model.init(jax.random.PRNGKey(0), images)['params']
   # Perturb every weight (the head starts at zero, GroupNorm scales at zero) so all of them matter.
@@ -47,14 +58,14 @@ def test_timm_model_with_our_weights_gives_our_logits(name, overrides, image_siz
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   ours = np.asarray(model.apply({'params': params}, images))
-  table = models.position_embedding_table(model, params, image_size)
+  table = models.position_embedding_table(model, params, image_size) if 'Transformer' in params else None
   theirs = _timm_logits(timm_layout.create_model(params, image_size, table), images)
   assert np.abs(ours).max() > 0.1
   np.testing.assert_allclose(theirs, ours, atol=2e-5 * np.abs(ours).max() + 1e-6)
   assert not np.allclose(theirs[0], theirs[1])  # Different images, different logits.
 
 
-def test_state_dict_uses_timm_key_names_and_rejects_a_pre_logits_layer():
+def test_state_dict_uses_timm_key_names_and_names_what_timm_cannot_express():
   model = models.get_model('ViT-mu/4', 10, num_layers=1)
   params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
   weights = timm_layout.state_dict(params)
@@ -62,22 +73,24 @@ def test_state_dict_uses_timm_key_names_and_rejects_a_pre_logits_layer():
                                embed_dim=128, num_heads=4, mlp_ratio=2.0, img_size=16, patch_size=4)
   assert {k: tuple(v.shape) for k, v in weights.items()} == {
       k: tuple(v.shape) for k, v in expected.state_dict().items()}
-  with_pre_logits = models.get_model('ViT-mu/4', 10, num_layers=1, representation_size=32)
-  params = with_pre_logits.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
-  with pytest.raises(ValueError, match='pre-logits'):
+  relative = models.get_model('ViT-mu/4', 10, num_layers=1, posemb='relative')
+  params = relative.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  with pytest.raises(ValueError, match='relative position biases'):
     timm_layout.state_dict(params)
-  with_stem = models.get_model('ViT-mu/4', 10, num_layers=1, conv_stem=(8,))
-  params = with_stem.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
-  with pytest.raises(ValueError, match='convolutional stem'):
-    timm_layout.state_dict(params)
+  corruption = models.PatchCorruption(mask=np.zeros((1, 16), bool), replace_with=np.full((1, 16), -1))
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32), corruption=corruption)
+  with pytest.raises(ValueError, match='masked-patch-prediction model'):
+    timm_layout.state_dict(params['params'])
 
 
 @pytest.mark.slow
 def test_export_torch_command_writes_a_state_dict_timm_loads(tmp_path, data_dir):
-  """A trained workdir (with a moving average) -> `--format torch` -> timm gives our model's logits."""
+  """A trained workdir (with a moving average; the default's kind of model: [CLS], a convolutional stem) ->
+  `--format torch` -> timm gives our model's logits."""
   workdir = tmp_path / 'run'
   run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
-           '--config.total_steps=20', '--config.ema_decay=0.9', '--config.model.classifier=token')
+           '--config.total_steps=20', '--config.ema_decay=0.9', '--config.model.classifier=token',
+           '--config.model.conv_stem=(8,)')
   exported = {}
   for which in ('auto', 'raw'):
     out = tmp_path / f'{which}.pth'
@@ -85,7 +98,7 @@ def test_export_torch_command_writes_a_state_dict_timm_loads(tmp_path, data_dir)
                              '--format=torch', f'--params={which}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'as a timm state_dict' in result.stdout
+    assert 'as a timm state_dict' in result.stdout and 'the convolutional stem' in result.stdout
     exported[which] = torch.load(out)
   params, _ = checkpoints.restore_params(str(workdir))  # The moving average: the run kept one.
   config = config_lib.load_workdir_config(str(workdir))

@@ -18,6 +18,7 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import scipy.ndimage
 
 from vit_jax import models
 
@@ -124,17 +125,18 @@ def restore_params(workdir: str, step=None, ema=None):
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:
-  """Position embeddings (1, prefix + h*w, D) -> (1, prefix + H*W, D): the patch grid is interpolated in 2-D
-  (bilinear), the [CLS] embedding is kept apart unchanged (paper Sec. 3.2)."""
+  """Position embeddings (1, prefix + h*w, D) -> (1, prefix + H*W, D): the patch grid is interpolated in 2-D,
+  the [CLS] embedding is kept apart unchanged (paper Sec. 3.2). Linear interpolation with the corner
+  embeddings kept at the corners (`scipy.ndimage.zoom`, order 1), as the published fine-tuning code does."""
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
   old_side = int(round(np.sqrt(grid.shape[0])))
   if old_side * old_side != grid.shape[0]:
     raise CheckpointError(f'Cannot resize position embeddings of {grid.shape[0]} patches: not a square grid.')
   if (old_side, old_side) == tuple(new_grid):
     return posemb
-  grid = grid.reshape(old_side, old_side, -1)
-  resized = jax.image.resize(grid, (*new_grid, grid.shape[-1]), method='bilinear', antialias=False)
-  resized = np.asarray(resized, posemb.dtype).reshape(1, new_grid[0] * new_grid[1], -1)
+  grid = np.asarray(grid, np.float64).reshape(old_side, old_side, -1)
+  resized = scipy.ndimage.zoom(grid, (new_grid[0] / old_side, new_grid[1] / old_side, 1), order=1)
+  resized = resized.astype(posemb.dtype).reshape(1, new_grid[0] * new_grid[1], -1)
   return np.concatenate([prefix, resized], axis=1)
 
 

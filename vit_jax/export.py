@@ -34,16 +34,16 @@ def save_torch(params, config, path: str) -> str:
   """Writes a timm `state_dict` atomically; returns the timm constructor call that loads it."""
   import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
   from vit_jax import timm_layout  # pylint: disable=g-import-not-at-top
-  model = models.from_config(config, params['head']['kernel'].shape[-1])
-  table = models.position_embedding_table(model, params, config.image_size)
+  info = timm_layout.describe(params)  # Refuses, naming the part, what timm cannot express.
+  table = None
+  if info['kind'] == 'vit':
+    model = models.from_config(config, params['head']['kernel'].shape[-1])
+    table = models.position_embedding_table(model, params, config.image_size)
   weights = timm_layout.state_dict(params, table)
-  info = timm_layout.describe(params)
   tmp_path = path + '.tmp'
   torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path)
   os.replace(tmp_path, path)
-  kwargs = ', '.join(f'{k}={v!r}' for k, v in timm_layout.timm_kwargs(info, config.image_size).items())
-  stem = ' plus the ResNetV2 stem that vit_jax.timm_layout.create_model adds' if info['hybrid'] else ''
-  return f'timm.models.vision_transformer.VisionTransformer({kwargs}){stem}'
+  return timm_layout.constructor(info, config.image_size)
 
 
 def main(argv):

@@ -6,19 +6,26 @@ hybrid checkpoints: `conv_root`, `gn_root`, `block{n}/unit{m}/{conv1,conv2,conv3
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
+# Of the weight standardisation, as in the published BiT and hybrid ViT code: (w - mean) / (std + eps).
+STD_CONV_EPS = 1e-5
+
+
+def standardize(kernel: jax.Array, eps: float = STD_CONV_EPS) -> jax.Array:
+  """A conv kernel (H, W, in, out) with zero mean and (almost) unit standard deviation per output channel."""
+  kernel = kernel - jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+  return kernel / (jnp.std(kernel, axis=(0, 1, 2), keepdims=True) + eps)
+
+
 class StdConv(nn.Conv):
-  """Conv whose kernel is standardised (zero mean, unit variance per output channel) before use."""
+  """Conv whose kernel is standardised (`standardize`) before use."""
 
   def param(self, name, init_fn, *init_args, **init_kwargs):
     kernel = super().param(name, init_fn, *init_args, **init_kwargs)
-    if name == 'kernel':
-      mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
-      var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
-      kernel = (kernel - mean) / jnp.sqrt(var + 1e-5)
-    return kernel
+    return standardize(kernel) if name == 'kernel' else kernel
 
 
 class BottleneckUnit(nn.Module):
