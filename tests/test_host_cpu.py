@@ -113,3 +113,20 @@ def test_an_ablation_run_gets_the_same_host_setup_as_the_main_job(cpu_devices, t
     expected = (['Host setup: 2 CPU device(s), async dispatch on, freed buffers kept mapped: True.'], ['2'])
   assert _host_setup(main.stderr) == expected
   assert _host_setup(ablate.stderr) == expected
+
+
+@pytest.mark.slow
+def test_an_installed_accelerator_plugin_leaves_the_host_alone(tmp_path):
+  """Decided before JAX starts: a PJRT plugin in the `jax_plugins` namespace means an accelerator backend
+  (its buffers are not the host allocator's business); JAX_PLATFORMS=cpu means the CPU all the same."""
+  (tmp_path / 'jax_plugins' / 'xla_fake_accelerator').mkdir(parents=True)
+  (tmp_path / 'jax_plugins' / 'xla_fake_accelerator' / '__init__.py').write_text('')
+  probe = 'from vit_jax import host_cpu; print(host_cpu.runs_on_cpu())'
+
+  def runs_on_cpu(**env):
+    result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'JAX_PLATFORMS': '', **env}, check=True)
+    return result.stdout.split()[-1]
+  assert runs_on_cpu() == 'True'
+  assert runs_on_cpu(PYTHONPATH=str(tmp_path)) == 'False'
+  assert runs_on_cpu(PYTHONPATH=str(tmp_path), JAX_PLATFORMS='cpu') == 'True'

@@ -11,6 +11,7 @@ The measurements behind these choices are in BENCHMARKS.md ("Host setup on CPU")
 import ctypes
 import importlib.util
 import os
+import pkgutil
 import re
 from typing import Optional
 
@@ -44,9 +45,11 @@ def runs_on_cpu() -> bool:
   platforms = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
-  accelerator_modules = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                         'jax_rocm7_plugin')
-  return not any(importlib.util.find_spec(name) is not None for name in accelerator_modules)
+  # PJRT plugins (CUDA, ROCm, ...) live in the `jax_plugins` namespace package; TPUs come with libtpu.
+  if importlib.util.find_spec('libtpu') is not None:
+    return False
+  plugins = importlib.util.find_spec('jax_plugins')
+  return plugins is None or not any(pkgutil.iter_modules(plugins.submodule_search_locations or []))
 
 
 def keep_freed_buffers_mapped() -> bool:
