@@ -346,9 +346,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         train_metrics = []
         logger.train_metrics(step, summary)
         if not np.isfinite(summary['loss']):
-          raise FloatingPointError(f'The training loss is {summary["loss"]} at step {step}: lower the '
-                                   f'learning rate (--config.lr) or enable gradient clipping.')
+          raise divergence_error(f'the mean training loss is {summary["loss"]}', step, config, manager)
       if step % config.checkpoint_every_steps == 0 or step == num_steps:
+        # Checked at this very step: a diverging run never replaces finite checkpoints by non-finite ones.
+        if not bool(all_finite((metrics['loss'], state.params))):
+          raise divergence_error('the loss or parameters are not finite', step, config, manager)
         manager.save(step, args=ocp.args.StandardSave(state))
       if step % config.eval_every_steps == 0 and step != num_steps:
         evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, step)
@@ -357,6 +359,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   manager.wait_until_finished()
   manager.close()
   return {**result, 'step': int(jax.device_get(state.step)), 'train_loss': summary.get('loss')}
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every element of every array of `tree` is finite (one scalar, however the arrays are sharded)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def divergence_error(what: str, step: int, config: ml_collections.ConfigDict,
+                     manager: ocp.CheckpointManager) -> FloatingPointError:
+  """The error that stops a diverged run: what went wrong where, which checkpoint is kept, what to change."""
+  manager.wait_until_finished()
+  kept = manager.latest_step()
+  kept = (f'the newest checkpoint, step {kept} in {manager.directory}, is finite' if kept is not None
+          else 'no checkpoint was written')
+  if config.grad_clip_norm:
+    advice = (f'gradient clipping is already on (global norm {config.grad_clip_norm}): lower the learning rate '
+              f'(now {config.lr})')
+  else:
+    advice = 'lower the learning rate or clip gradients (--config.grad_clip_norm=1.0)'
+  return FloatingPointError(
+      f'Training diverged: {what} at step {step}. Nothing non-finite was saved: {kept}. A restart would '
+      f'diverge the same way; {advice}, in a new --workdir.')
 
 
 def evaluate_and_log(eval_fn: Callable, state: TrainState, dataset, mesh: Mesh, logger: ProgressLogger,
