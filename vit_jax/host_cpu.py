@@ -22,10 +22,6 @@ import jax
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _INT_MAX = 2**31 - 1
 
-# What `setup` did in this process (None: not called yet); read by tests and the progress log.
-applied: Optional[dict] = None
-
-
 def forced_device_count() -> Optional[int]:
   """The CPU device count given in XLA_FLAGS (--xla_force_host_platform_device_count), if any."""
   match = re.search(r'xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
@@ -70,21 +66,20 @@ def keep_freed_buffers_mapped() -> bool:
 def setup(config=None, cpu_devices: Optional[int] = None) -> dict:
   """Sets up the host from `config.cpu_devices` (or `cpu_devices`); call before any JAX computation.
 
-  Returns (and keeps in `applied`) what was set: the CPU device count, whether async dispatch is on, and
-  whether the allocator was tuned. Accelerator runs are left alone: their devices are the accelerators.
+  Returns what was set: the CPU device count, whether async dispatch is on, and whether the allocator was
+  tuned. Accelerator runs are left alone: their devices are the accelerators.
   """
-  global applied
   if config is not None:
     cpu_devices = config.get('cpu_devices')
   if cpu_devices is not None and cpu_devices < 1:
     raise ValueError(f'config.cpu_devices={cpu_devices}: give a positive device count, or None for one.')
   on_cpu = runs_on_cpu()
+  forced = forced_device_count()
   if _backends_started():
     # Too late to change the device count or the dispatch mode: report what this process has.
     logging.warning('host_cpu.setup called after JAX started its backends: the CPU device count and dispatch '
                     'mode stay as they are.')
   else:
-    forced = forced_device_count()
     if cpu_devices is not None and forced is None:
       jax.config.update('jax_num_cpu_devices', cpu_devices)
     if on_cpu and (forced or cpu_devices or 1) == 1:
@@ -93,7 +88,7 @@ def setup(config=None, cpu_devices: Optional[int] = None) -> dict:
       jax.config.update('jax_cpu_enable_async_dispatch', False)
   applied = {
       'cpu': on_cpu,
-      'cpu_devices': forced_device_count() or max(jax.config.jax_num_cpu_devices, 1),
+      'cpu_devices': forced or max(jax.config.jax_num_cpu_devices, 1),
       'async_dispatch': bool(jax.config.read('jax_cpu_enable_async_dispatch')),
       'allocator_tuned': on_cpu and keep_freed_buffers_mapped(),
   }

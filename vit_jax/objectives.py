@@ -29,7 +29,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 class Classification:
   """Labels from images: cross-entropy against (smoothed) one-hot labels; accuracy of the arg-max."""
   label_smoothing: float = 0.0
-  name = 'classification'
 
   def init_inputs(self, model, image_shape) -> Dict[str, Any]:
     del model, image_shape
@@ -53,7 +52,6 @@ class MaskedPatches:
   """The paper's self-supervised pretraining (Sec. 4.6): the mean colour of corrupted patches from the images
   alone (labels unused); "accuracy" is that of the predicted colours, over the corrupted patches."""
   settings: ml_collections.ConfigDict  # `config.masked_patches`.
-  name = 'masked_patches'
 
   def init_inputs(self, model, image_shape) -> Dict[str, Any]:
     num_patches = int(np.prod(model.token_grid(image_shape[:2])))
