@@ -45,7 +45,7 @@ from vit_jax import config_lib
 def get_config():
   config = config_lib.load_config_file(os.path.join({config_dir!r}, 'digits.py'))
   config.model.num_layers = 1
-  config.total_steps = 8
+  config.total_steps, config.warmup_steps = 8, 2
   config.num_epochs = None
   config.log_every_steps = 4
   config.data_dir = {data_dir!r}

@@ -82,7 +82,7 @@ def test_attention_weights_of_scanned_and_unrolled_models_agree():
 def test_analyze_command_writes_the_figures_of_a_trained_run(tmp_path, data_dir):
   workdir, out = tmp_path / 'run', tmp_path / 'figures'
   run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=2', f'--config.data_dir={data_dir}',
-           '--config.total_steps=30', '--config.model.classifier=token')
+           '--config.total_steps=30', '--config.warmup_steps=10', '--config.model.classifier=token')
   result = subprocess.run([sys.executable, '-m', 'vit_jax.analyze', f'--workdir={workdir}', f'--out={out}',
                            '--num_images=16'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -140,7 +140,7 @@ def test_mismatches_and_broken_files_get_clear_errors(tmp_path):
 def test_export_command_writes_the_trained_parameters(tmp_path, data_dir):
   workdir = tmp_path / 'run'
   run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
-           '--config.total_steps=10', '--config.model.scan=true')
+           '--config.total_steps=10', '--config.warmup_steps=2', '--config.model.scan=true')
   out = tmp_path / 'exported.npz'
   result = subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={workdir}', f'--out={out}'],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -165,7 +165,7 @@ def test_fine_tuning_at_higher_resolution_from_a_workdir_and_from_an_npz(tmp_pat
   common = ('--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
             '--config.model.classifier=token')
   pretrain = tmp_path / 'pretrain'
-  run_main(pretrain, *common, '--config.total_steps=60')
+  run_main(pretrain, *common, '--config.total_steps=60', '--config.warmup_steps=20')
   npz = tmp_path / 'pretrained.npz'
   subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={pretrain}', f'--out={npz}'], cwd=ROOT,
                  check=True, capture_output=True, timeout=300)

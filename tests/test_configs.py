@@ -11,6 +11,7 @@ from ml_collections import config_flags
 
 from conftest import CONFIG_DIR, load_config
 from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import models
 from vit_jax import sharding
 from vit_jax import train
@@ -123,7 +124,14 @@ def test_a_workdir_resumes_only_under_its_own_config_or_a_longer_schedule(tmp_pa
   other.lr, other.model.conv_stem = 3e-3, (16,)
   with pytest.raises(ValueError, match=r'lr: 0.001 -> 0.003; model.conv_stem: \[32\] -> \[16\]'):
     config_lib.check_resumable(other, str(tmp_path))
-  config_lib.check_resumable(other, str(tmp_path / 'fresh'))  # No recorded run: nothing to compare.
+  # Checkpoints without a readable record: nothing shows the config continues their run, unless adopted.
+  (tmp_path / 'lost').mkdir()
+  with pytest.raises(errors.WorkdirError, match=r'config.json is missing, but .* --adopt_config'):
+    config_lib.check_resumable(other, str(tmp_path / 'lost'))
+  (tmp_path / 'lost' / 'config.json').write_text('{"lr": 0.0')  # Cut short.
+  with pytest.raises(errors.WorkdirError, match='config.json is unreadable'):
+    config_lib.check_resumable(other, str(tmp_path / 'lost'))
+  config_lib.check_resumable(other, str(tmp_path / 'lost'), adopt=True)
 
 
 def test_validate_names_every_bad_field_and_its_fix():
@@ -145,3 +153,14 @@ def test_validate_names_every_bad_field_and_its_fix():
   no_length.num_epochs = None
   with pytest.raises(ValueError, match='total_steps or --config.num_epochs'):
     config_lib.validate(no_length)
+  rates = load_config('digits.py')
+  rates.update(dict(total_steps=50, warmup_steps=50, weight_decay=-0.1, label_smoothing=1.0, b2=1.0,
+                    grad_clip_norm=-1.0, num_epochs=-2.0))
+  rates.model.dropout_rate, rates.model.posemb = 1.5, 'learned'
+  with pytest.raises(errors.ConfigError) as error:
+    config_lib.validate(rates)
+  message = str(error.value)
+  for part in ('warmup_steps=50 is not below the 50 training steps', 'weight_decay=-0.1 must not be negative',
+               'label_smoothing=1.0 must be in [0, 1)', 'b2=1.0 must be in [0, 1)', 'grad_clip_norm=-1.0',
+               'num_epochs=-2.0 must be positive', 'model.dropout_rate=1.5', "Unknown model.posemb 'learned'"):
+    assert part in message, (part, message)

@@ -80,7 +80,7 @@ from vit_jax import config_lib
 def get_config():
   config = config_lib.load_config_file(os.path.join({config_dir!r}, 'digits.py'))
   config.model.num_layers = 1
-  config.total_steps = 4
+  config.total_steps, config.warmup_steps = 4, 1
   config.eval_batch_size = 64
   config.data_dir = {data_dir!r}
   return config
@@ -101,7 +101,8 @@ def test_an_ablation_run_gets_the_same_host_setup_as_the_main_job(cpu_devices, t
   study.write_text(STUDY_FILE.format(config_dir=CONFIG_DIR, data_dir=data_dir))
   devices = [] if cpu_devices is None else [f'--config.cpu_devices={cpu_devices}']
   main = run_main(tmp_path / 'main', '--config=configs/digits.py', f'--config.data_dir={data_dir}',
-                  '--config.model.num_layers=1', '--config.total_steps=4', '--config.eval_batch_size=64', *devices,
+                  '--config.model.num_layers=1', '--config.total_steps=4', '--config.warmup_steps=1',
+                  '--config.eval_batch_size=64', *devices,
                   env={'XLA_FLAGS': ''})
   ablate = subprocess.run(
       [sys.executable, '-m', 'vit_jax.ablate', '--study=one', f'--config={study}',

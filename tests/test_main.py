@@ -9,18 +9,18 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, run_main
+from vit_jax import checkpoints
 
 TINY = ('--config=configs/digits.py', '--config.model.num_layers=2', '--config.model.hidden_size=64',
-        '--config.model.mlp_dim=128', '--config.batch_size=32', '--config.eval_batch_size=71')
+        '--config.model.mlp_dim=128', '--config.batch_size=32', '--config.eval_batch_size=71',
+        '--config.warmup_steps=10')
 
 
 def _restore_params(workdir, step):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  return manager.restore(step, args=ocp.args.StandardRestore())['params']
+  return checkpoints.restore_params(str(workdir), step, ema=False)[0]
 
 
 @pytest.mark.slow

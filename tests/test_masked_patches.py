@@ -92,7 +92,7 @@ def test_pretrain_by_masked_patches_then_fine_tune(tmp_path, data_dir):
   """The main job pretrains on images alone, then fine-tunes from that workdir ([mask] and colour head
   dropped, a zero classification head added)."""
   common = ['--config=configs/digits.py', f'--config.data_dir={data_dir}', '--config.model.num_layers=2',
-            '--config.log_every_steps=20', '--config.eval_every_steps=1000']
+            '--config.log_every_steps=20', '--config.eval_every_steps=1000', '--config.warmup_steps=20']
   pretrain = run_main(tmp_path / 'mpp', *common, '--config.objective=masked_patches', '--config.total_steps=60')
   assert re.search(r'masked-patch colour accuracy: \d\.\d+', pretrain.stdout), pretrain.stdout
   finetune = run_main(tmp_path / 'ft', *common, f'--config.init_from={tmp_path / "mpp"}',

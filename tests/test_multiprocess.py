@@ -15,7 +15,8 @@ LAUNCH = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
 # the batch across both processes.
 FLAGS = ('--config=configs/digits.py', '--config.model.num_layers=2', '--config.batch_size=32',
          '--config.eval_batch_size=72', '--config.mesh.data=2', '--config.mesh.fsdp=2',
-         '--config.mesh.min_shard_size=1024', '--config.checkpoint_every_steps=3', '--config.log_every_steps=3')
+         '--config.mesh.min_shard_size=1024', '--config.checkpoint_every_steps=3', '--config.log_every_steps=3',
+         '--config.warmup_steps=2')
 
 
 def _launch(log_dir, workdir, data_dir, total_steps):

@@ -89,7 +89,8 @@ def test_export_torch_command_writes_a_state_dict_timm_loads(tmp_path, data_dir)
   `--format torch` -> timm gives our model's logits."""
   workdir = tmp_path / 'run'
   run_main(workdir, '--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
-           '--config.total_steps=20', '--config.ema_decay=0.9', '--config.model.classifier=token',
+           '--config.total_steps=20', '--config.warmup_steps=5', '--config.ema_decay=0.9',
+           '--config.model.classifier=token',
            '--config.model.conv_stem=(8,)')
   exported = {}
   for which in ('auto', 'raw'):

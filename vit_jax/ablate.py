@@ -20,6 +20,7 @@ from absl import logging
 import numpy as np
 
 from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import host_cpu
 from vit_jax import models
 
@@ -79,17 +80,17 @@ def load_study(study: str, config_path: str, extra: dict = None):
   here, so a bad row fails before the first one trains."""
   module = config_lib.load_config_module(config_path)
   if study not in module.STUDIES:
-    raise ValueError(f'Unknown study {study!r}; {config_path} has {", ".join(module.STUDIES)}.')
+    raise errors.ConfigError(f'Unknown study {study!r}; {config_path} has {", ".join(module.STUDIES)}.')
   base = config_lib.override(module.get_config(), extra or {})
   table = module.STUDIES[study]
   for label, row in table.items():
     config = row_config(base, row, 0, '')
     try:
       config_lib.validate(config)
-    except ValueError as e:
-      raise ValueError(f'Row {label!r} of study {study!r}: {e}') from e
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f'Row {label!r} of study {study!r}: {e}') from None
     if config.cpu_devices != base.cpu_devices:
-      raise ValueError(f'Row {label!r} of study {study!r} sets cpu_devices, which is set once per process: '
+      raise errors.ConfigError(f'Row {label!r} of study {study!r} sets cpu_devices, which is set once per process: '
                        'set it for the whole study with --set=cpu_devices=N.')
   return base, table
 
@@ -176,7 +177,7 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
   base, table = load_study(study, config_path, extra)
   unknown = set(rows or ()) - {slug(label) for label in table}
   if unknown:
-    raise ValueError(f'Unknown rows {sorted(unknown)} in study {study!r}; it has '
+    raise errors.ConfigError(f'Unknown rows {sorted(unknown)} in study {study!r}; it has '
                      f'{[slug(label) for label in table]}.')
   results = []
   for label, row in table.items():
@@ -218,6 +219,7 @@ def main(argv):
   base, _ = load_study(args.study, args.config, extra)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+  errors.quiet_library_logs()
   host_cpu.setup(base)  # As vit_jax.main sets up its host: every row runs in this process.
   lines = run_study(args.study, args.config, args.workdir, args.out or args.workdir,
                     [int(s) for s in args.seeds], args.rows, extra)
@@ -227,4 +229,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  errors.run(main)

@@ -21,6 +21,7 @@ import numpy as np
 from vit_jax import analysis
 from vit_jax import checkpoints
 from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import host_cpu
 from vit_jax import models
 
@@ -127,7 +128,7 @@ def pixel_filters(params):
 def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
   config = config_lib.load_workdir_config(workdir)
   if config.get('objective', 'classification') != 'classification' or config.model.name.startswith('BiT-'):
-    raise ValueError(f'{workdir} holds a {config.model.name} run with objective '
+    raise errors.WorkdirError(f'{workdir} holds a {config.model.name} run with objective '
                      f'{config.get("objective", "classification")!r}: the figures are of ViT classifiers '
                      f'(fine-tune it first, or pick a classification run).')
   params, step = checkpoints.restore_params(workdir, step)
@@ -181,4 +182,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  errors.run(main)

@@ -34,6 +34,8 @@ import time
 from absl import app
 from absl import flags
 
+from vit_jax import errors  # absl only: safe before the torch/JAX import order matters.
+
 _MEASURE = flags.DEFINE_enum('measure', 'speed', ['speed', 'compile'], 'What to measure.')
 _VARIANTS = flags.DEFINE_list('variants', ['ViT-Ti/16', 'ViT-S/16', 'ViT-B/16'], 'Model variants.')
 _IMAGE_SIZES = flags.DEFINE_list('image_sizes', ['224'], 'Image sizes.')
@@ -345,4 +347,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -2,32 +2,48 @@
 (`.npz` import and export), and pretrained weights loaded into a model built for a new task (new head,
 resized position embeddings).
 
-A workdir holds `config.json` (`config_lib`) and `checkpoints/<step>/` (the orbax train state: step,
-parameters, optimizer state, moving average).
+A workdir holds `config.json` (`config_lib`), `lock` while a run uses it (`workdir_lock`) and
+`checkpoints/<step>/`: `state/` (the orbax train state: step, parameters, optimizer state, moving average) and
+`integrity/` (a checksum of every array, written in the same atomic commit). A restore recomputes the checksums
+of what it read; a checkpoint that fails (unreadable, truncated, altered) is reported, moved to
+`corrupt_checkpoints/` and the newest intact one is used instead.
 
 A published file is a flat `np.savez` of arrays keyed by '/'-joined parameter paths, e.g.
 `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel`; our models use the same names, so
 a file loads by unflattening it. Scanned models (`scan=True`) are converted to the per-layer layout on export.
 """
+import functools
+import logging as py_logging
 import os
-import tempfile
+import shutil
+import sys
+import time
 import zipfile
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from absl import logging
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import scipy.ndimage
 
+from vit_jax import errors
 from vit_jax import models
 
 POSEMB_PATH = ('Transformer', 'posembed_input', 'pos_embedding')
 CHECKPOINT_DIR = 'checkpoints'  # Inside a workdir.
+CORRUPT_DIR = 'corrupt_checkpoints'  # Inside a workdir: checkpoints that failed verification, kept for a look.
+STATE_ITEM, INTEGRITY_ITEM = 'state', 'integrity'  # The two items of a train-state checkpoint.
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used: unreadable, or not matching the model; the message says which array."""
+CheckpointError = errors.CheckpointError
+
+
+class CorruptCheckpoint(CheckpointError):
+  """A train-state checkpoint that does not read back as written; the message names its step and folder."""
 
 
 def flatten(params: Any) -> Dict[str, np.ndarray]:
@@ -45,9 +61,10 @@ def save_npz(params: Any, path: str) -> None:
   leaves either the old file or the complete new one."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  handle, tmp_path = tempfile.mkstemp(suffix='.npz.tmp', dir=directory)
+  # A name of our own, opened like any file (mkstemp's would be private, 0600): permissions follow the umask.
+  tmp_path = f'{os.path.abspath(path)}.{os.getpid()}.tmp'
   try:
-    with os.fdopen(handle, 'wb') as f:
+    with open(tmp_path, 'wb') as f:
       np.savez(f, **flatten(params))
     os.replace(tmp_path, path)
   except BaseException:
@@ -85,43 +102,264 @@ def train_state_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """The orbax manager of a workdir's train-state checkpoints, keeping the newest `keep`. Orbax writes each
   checkpoint to a temporary folder and renames it when complete: a crash mid-save leaves the previous one as
   the latest readable checkpoint."""
+  _quiet_echoes_of_failed_io()
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=(STATE_ITEM, INTEGRITY_ITEM))
+
+
+def _path_name(path) -> str:
+  """'params/Transformer/encoderblock_0/...' for a pytree path (attribute, dict key or index)."""
+  parts = []
+  for entry in path:
+    for attribute in ('name', 'key', 'idx'):
+      if hasattr(entry, attribute):
+        parts.append(str(getattr(entry, attribute)))
+        break
+  return '/'.join(parts)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+  """Two 32-bit sums over the elements of `x`, each element's bits mixed with its position by a bijection: a
+  change of any element changes each sum, and a swap of two elements changes them too (odds of a collision
+  ~2^-64). Sums modulo 2^32 do not depend on the order of addition, so the fingerprint is the same however
+  `x` is sharded."""
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32) if x.dtype != jnp.bool_ else (
+      x.astype(jnp.uint32))
+  # The flat position of each element, from one iota per axis (a reshape would gather sharded arrays).
+  position, stride = jnp.zeros(x.shape, jnp.uint32), 1
+  for axis in reversed(range(x.ndim)):
+    position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= x.shape[axis]
+  sums = []
+  for seed in (0x9E3779B9, 0x85EBCA6B):
+    v = bits ^ (position * jnp.uint32(seed) + jnp.uint32(seed))
+    v = (v ^ (v >> 16)) * jnp.uint32(0x7FEB352D)  # An invertible integer hash (xorshift-multiply).
+    v = (v ^ (v >> 15)) * jnp.uint32(0x846CA68B)
+    sums.append(jnp.sum(v ^ (v >> 16), dtype=jnp.uint32))
+  return jnp.stack(sums)
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprints_fn(out_sharding):
+  return jax.jit(lambda leaves: [_fingerprint(x) for x in leaves], out_shardings=out_sharding)
+
+
+def array_checksums(tree: Any, out_sharding=None) -> Dict[str, List[int]]:
+  """{array path: two 32-bit checksums} of every array of `tree`, computed where the arrays are.
+  `out_sharding`: a replicated sharding of their mesh, so that every process can read the sums."""
+  named = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = jax.device_get(_fingerprints_fn(out_sharding)([x for _, x in named]))
+  return {_path_name(path): [int(v) for v in np.asarray(s)] for (path, _), s in zip(named, sums)}
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any, out_sharding=None) -> None:
+  """Saves `state` (asynchronously) with the checksums of its arrays, in one atomic commit. A failure to
+  write (this save's or the previous one's, which surfaces here) raises CheckpointError."""
+  record = {'format': 1, 'step': step, 'arrays': array_checksums(state, out_sharding)}
+  try:
+    manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                                  INTEGRITY_ITEM: ocp.args.JsonSave(record)}))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_failed(manager, e) from e
+
+
+def finish_saving(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last asynchronous save to commit; raises CheckpointError if it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_failed(manager, e) from e
+
+
+def _write_failed(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointError:
+  steps = [step for step in manager.all_steps() if os.path.isdir(os.path.join(str(manager.directory), str(step)))]
+  newest = f'step {max(steps)}' if steps else 'none: the run starts over'
+  return CheckpointError(
+      f'Writing a checkpoint into {manager.directory} failed ({_short(error, 600)}). Checkpoints written '
+      f'before are intact (orbax commits each one whole); the newest is {newest}. Free space or fix the storage, '
+      f'then rerun the same command to resume from it.')
+
+
+def _short(error: BaseException, limit: int = 400) -> str:
+  """An exception in one line, cut: storage errors quote kilobytes of their spec. The storage library's own
+  error, when there is one underneath, names the array and file; it is the one shown."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = ' '.join(f'{type(error).__name__}: {error}'.split())
+  return text if len(text) <= limit else text[:limit] + ' ...'
+
+
+def _is_echo_of_failed_io(error: BaseException) -> bool:
+  text = str(error)
+  return ((isinstance(error, RuntimeError) and text == 'Event loop is closed') or
+          'Encountered error while reading array index' in text or 'in OCDBT database at' in text)
+
+
+def _quiet_echoes_of_failed_io() -> None:
+  """When one array of a checkpoint cannot be read or written, orbax abandons the others; as they end (then
+  or seconds later) each prints a traceback, some quoting a storage spec of ~60 lines: through
+  `sys.excepthook` from the storage library's threads ('Event loop is closed'), `sys.unraisablehook` or
+  asyncio's logger. The error itself reaches the caller through orbax and is reported once; these echoes are
+  dropped. (Only echoes: an uncaught error of any other kind still prints.)"""
+  if getattr(sys.excepthook, 'drops_io_echoes', False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def filtered_excepthook(exc_type, value, traceback):
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      excepthook(exc_type, value, traceback)
+
+  def filtered_unraisablehook(unraisable):
+    if not _is_echo_of_failed_io(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  filtered_excepthook.drops_io_echoes = True
+  sys.excepthook, sys.unraisablehook = filtered_excepthook, filtered_unraisablehook
+  py_logging.getLogger('asyncio').addFilter(
+      lambda record: not (record.exc_info and _is_echo_of_failed_io(record.exc_info[1])))
+
+
+def _restore_verified(manager: ocp.CheckpointManager, step: int, state_args, out_sharding=None):
+  """The state of checkpoint `step`, read and checked against its checksums; raises CheckpointError naming
+  the step and what failed. Collective: every process calls it, and they agree on the outcome."""
+  step_dir = os.path.join(str(manager.directory), str(step))
+  problem, restored = None, None
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: state_args,
+                                                               INTEGRITY_ITEM: ocp.args.JsonRestore()}))
+  except Exception as e:  # pylint: disable=broad-except  (any failure to read makes the checkpoint unusable)
+    if os.path.isdir(os.path.join(step_dir, 'default')):
+      problem = ('it was written by a vit_jax without integrity records (a "default" item): it cannot be '
+                 'verified; resume it with that version, or start a new --workdir')
+    else:
+      problem = f'it cannot be read ({_short(e)})'
+  if jax.process_count() > 1:  # A process that failed to read must not leave the others in a collective.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if not np.all(multihost_utils.process_allgather(np.array(problem is None))):
+      problem = problem or 'another process could not read its part of it'
+  if problem is None:
+    record = restored[INTEGRITY_ITEM]
+    if not isinstance(record, dict) or not isinstance(record.get('arrays'), dict):
+      problem = f'its integrity record ({INTEGRITY_ITEM}/) is missing or unreadable'
+    else:
+      actual = array_checksums(restored[STATE_ITEM], out_sharding)
+      bad = sorted(name for name, sums in actual.items() if record['arrays'].get(name) != sums)
+      if bad:
+        problem = (f'{len(bad)} of its {len(actual)} arrays differ from the checksums recorded when it was '
+                   f'written ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}): its files were altered')
+  if problem is not None:
+    raise CorruptCheckpoint(f'The checkpoint of step {step} ({step_dir}) is not intact: {problem}.')
+  return restored[STATE_ITEM]
+
+
+def restore_newest_intact(manager: ocp.CheckpointManager, state_args, workdir: str, fallback: bool = True,
+                          out_sharding=None) -> Tuple[Any, Optional[int]]:
+  """(state, step) of the newest checkpoint that reads back with its recorded checksums; (None, None) when
+  there is no checkpoint. Newer checkpoints that fail are moved to `corrupt_checkpoints/` (kept, not deleted)
+  with a warning; with `fallback=False`, or when none is intact, it raises naming each failure instead."""
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = _restore_verified(manager, step, state_args, out_sharding)
+    except CorruptCheckpoint as e:
+      failures.append((step, str(e)))
+      if not fallback:
+        raise CheckpointError(f'{e} (Without --fallback_to_intact_checkpoint=false the run would resume from '
+                              'the newest intact one.)') from None
+      continue
+    if failures:
+      moved = _set_aside(manager, workdir, [s for s, _ in failures])
+      for (bad_step, message), where in zip(failures, moved):
+        logging.warning('%s Moved to %s; resuming from step %d instead.', message, where, step)
+    return state, step
+  if failures:
+    raise CheckpointError('No intact checkpoint to resume from:\n  ' + '\n  '.join(m for _, m in failures) +
+                          f'\nThey are left in place. Start a new --workdir, or move {checkpoint_dir(workdir)} '
+                          'aside to start over in this one.')
+  return None, None
+
+
+def _set_aside(manager: ocp.CheckpointManager, workdir: str, steps: List[int]) -> List[str]:
+  """Moves checkpoints out of the manager's folder (process 0), so that their steps can be written again."""
+  destination = os.path.join(workdir, CORRUPT_DIR)
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  moved = [os.path.join(destination, f'{step}-{stamp}') for step in steps]
+  if jax.process_index() == 0:
+    os.makedirs(destination, exist_ok=True)
+    for step, target in zip(steps, moved):
+      shutil.move(os.path.join(str(manager.directory), str(step)), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('vit_jax: corrupt checkpoints set aside')
+  manager.reload()
+  return moved
 
 
 def load_pretrained(source: str) -> Dict[str, Any]:
-  """Pretrained parameters from a vit_jax workdir (its latest checkpoint) or a published-layout `.npz`."""
+  """Pretrained parameters from a vit_jax workdir (its newest intact checkpoint) or a published-layout `.npz`,
+  checked finite: a NaN weight would otherwise surface steps later as a diverged run."""
   if is_workdir(source):
     params, _ = restore_params(source)
-    return params
-  return load_npz(source)
+  else:
+    params = load_npz(source)
+  bad = [key for key, value in flatten(params).items()
+         if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value))]
+  if bad:
+    raise CheckpointError(f'{source} holds non-finite values (NaN or inf) in {len(bad)} array(s): '
+                          f'{", ".join(bad[:5])}{", ..." if len(bad) > 5 else ""}. Use another checkpoint.')
+  return params
 
 
 def restore_params(workdir: str, step=None, ema=None):
-  """The parameters of a workdir's checkpoint (latest by default), as numpy arrays on this host, whatever
-  the mesh that wrote them. `ema`: the moving average of the parameters (`config.ema_decay` > 0) instead of
-  the parameters; None: the average when the run kept one."""
+  """The parameters of a workdir's checkpoint (by default the newest intact one), as numpy arrays on this
+  host, whatever the mesh that wrote them, verified against their recorded checksums. `ema`: the moving
+  average of the parameters (`config.ema_decay` > 0) instead of the parameters; None: the average when the
+  run kept one."""
   directory = checkpoint_dir(os.path.abspath(workdir))
   if not os.path.isdir(directory):
     raise CheckpointError(f'No checkpoints in {workdir!r}: expected a vit_jax.main workdir with '
                           f'a {CHECKPOINT_DIR}/ folder.')
-  with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise CheckpointError(f'No checkpoint of step {step} in {directory}; it has {manager.all_steps()}.')
-    metadata = dict(manager.item_metadata(step))
-    has_ema = metadata.get('ema_params') is not None
-    if ema and not has_ema:
-      raise CheckpointError(f'The checkpoint of step {step} in {directory} has no moving average of the '
-                            f'parameters (the run had config.ema_decay=0): use its parameters.')
-    key = 'ema_params' if (has_ema if ema is None else ema) else 'params'
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    # Only the wanted parameters are read; the optimizer state stays on disk.
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[key])
-    state = manager.restore(step, args=ocp.args.PyTreeRestore(
-        {key: target}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}),
-        partial_restore=True))
-  return jax.tree.map(np.asarray, state[key]), step
+  _quiet_echoes_of_failed_io()
+  handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), INTEGRITY_ITEM: ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise CheckpointError(f'No checkpoint of step {step} in {directory}; it has {sorted(steps)}.')
+    if not steps:
+      raise CheckpointError(f'No checkpoint in {directory}.')
+    failures = []
+    for candidate in ([step] if step is not None else steps):
+      try:
+        params, key = _restore_params_of_step(manager, candidate, ema)
+      except CorruptCheckpoint as e:
+        if step is not None:
+          raise
+        failures.append(str(e))
+        continue
+      for message in failures:
+        logging.warning('%s Using step %d instead.', message, candidate)
+      return jax.tree.map(np.asarray, params[key]), candidate
+  raise CheckpointError('No intact checkpoint:\n  ' + '\n  '.join(failures))
+
+
+def _restore_params_of_step(manager: ocp.CheckpointManager, step: int, ema):
+  try:
+    metadata = dict(manager.item_metadata(step)[STATE_ITEM])
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpoint(f'The checkpoint of step {step} ({manager.directory}/{step}) is not intact: its '
+                          f'metadata cannot be read ({_short(e)}).') from None
+  has_ema = metadata.get('ema_params') is not None
+  if ema and not has_ema:
+    raise CheckpointError(f'The checkpoint of step {step} in {manager.directory} has no moving average of the '
+                          f'parameters (the run had config.ema_decay=0): use its parameters.')
+  key = 'ema_params' if (has_ema if ema is None else ema) else 'params'
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # Only the wanted parameters are read (and verified); the optimizer state stays on disk.
+  target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[key])}
+  args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  return _restore_verified(manager, step, args), key
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:

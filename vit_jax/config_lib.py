@@ -7,8 +7,11 @@ import importlib.util
 import json
 import os
 
+from absl import logging
 import ml_collections
 from ml_collections import config_dict
+
+from vit_jax import errors
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -107,7 +110,7 @@ def load_config_module(path: str):
   """A config file as a Python module (its `get_config()` and any tables it defines, e.g. `STUDIES`)."""
   spec = importlib.util.spec_from_file_location(f'vit_jax_config_{abs(hash(path))}', path)
   if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f'Config file {path!r} not found.')
+    raise errors.ConfigError(f'Config file {path!r} not found.')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -125,6 +128,16 @@ OBJECTIVES = ('classification', 'masked_patches')
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('linear', 'cosine')
 DTYPES = ('float32', 'bfloat16')
+CLASSIFIERS = ('token', 'gap')
+# 'relative': no absolute embedding; each attention layer adds a learned bias per head and 2-D offset between
+# the query and key patches to its logits (paper Appendix D.4).
+POSEMB_KINDS = ('learn_1d', 'learn_2d', 'sincos_2d', 'relative', 'none')
+
+
+def warmup_problem(warmup_steps: int, num_steps: int) -> str:
+  return (f'config.warmup_steps={warmup_steps} is not below the {num_steps} training steps: the learning rate '
+          f'would never reach config.lr. Set --config.warmup_steps below {num_steps} (the paper warms up for '
+          f'10k of 90k+ steps).')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -146,7 +159,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(0.0 <= config.ema_decay < 1.0, f'config.ema_decay={config.ema_decay} must be in [0, 1): 0 turns the '
                                        'moving average off, the paper used 0.9999.')
   check(bool(config.total_steps) or bool(config.num_epochs), 'Set --config.total_steps or --config.num_epochs.')
+  for field in ('total_steps', 'num_epochs'):
+    check(config[field] is None or config[field] > 0, f'config.{field}={config[field]} must be positive.')
+  if config.total_steps and config.total_steps > 0:  # Wins over num_epochs; with epochs, `train` checks.
+    check(config.warmup_steps < config.total_steps, warmup_problem(config.warmup_steps, config.total_steps))
   check(config.batch_size > 0, f'config.batch_size={config.batch_size} must be positive.')
+  check(config.eval_batch_size is None or config.eval_batch_size > 0,
+        f'config.eval_batch_size={config.eval_batch_size} must be positive (or None: the batch size).')
+  check(config.image_size > 0, f'config.image_size={config.image_size} must be positive.')
   check(config.accum_steps >= 1 and config.batch_size % config.accum_steps == 0,
         f'config.accum_steps={config.accum_steps} must be a positive divisor of the batch size '
         f'{config.batch_size}.')
@@ -155,6 +175,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     check(config[field] >= 1, f'config.{field}={config[field]} must be at least 1.')
   check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
+  for field in ('b1', 'b2', 'momentum', 'label_smoothing', 'model.dropout_rate', 'model.attention_dropout_rate'):
+    value = config[field] if '.' not in field else config.model[field.split('.')[1]]
+    check(value is not None and 0.0 <= value < 1.0, f'config.{field}={value} must be in [0, 1).')
+  check(config.weight_decay is not None and config.weight_decay >= 0,
+        f'config.weight_decay={config.weight_decay} must not be negative (0 turns it off).')
+  check(config.grad_clip_norm is None or config.grad_clip_norm >= 0,
+        f'config.grad_clip_norm={config.grad_clip_norm} must not be negative (0 or None turns clipping off).')
+  for field, choices in (('classifier', CLASSIFIERS), ('posemb', POSEMB_KINDS)):
+    check(config.model[field] in choices, f'Unknown model.{field} {config.model[field]!r}: choose one of '
+                                          f'{", ".join(choices)} (--config.model.{field}=...).')
   check(config.init_from != '', 'This config fine-tunes pretrained weights: set --config.init_from to a '
                                 'published-layout .npz (e.g. ViT-B_16.npz) or to the workdir of a vit_jax run.')
   if config.objective == 'masked_patches':
@@ -166,7 +196,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f'config.masked_patches={settings.to_dict()}: corrupt_fraction must be in (0, 1], mask_prob and '
           'random_prob non-negative with a sum of at most 1.')
   if problems:
-    raise ValueError('Invalid config:\n  ' + '\n  '.join(problems))
+    raise errors.ConfigError('Invalid config:\n  ' + '\n  '.join(problems))
 
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
@@ -188,11 +218,14 @@ WORKDIR_CONFIG = 'config.json'
 
 
 def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Records the run's config next to its checkpoints, so tools can rebuild the model from the workdir."""
+  """Records the run's config next to its checkpoints, so tools can rebuild the model from the workdir.
+  Written to a temporary file, flushed to disk and renamed: a crash leaves the old record or the new one."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, WORKDIR_CONFIG)
   with open(path + '.tmp', 'w') as f:
     f.write(config.to_json_best_effort(indent=1))
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + '.tmp', path)
 
 
@@ -213,34 +246,52 @@ def _flat(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_resumable(config: ml_collections.ConfigDict, workdir: str, adopt: bool = False) -> None:
   """Refuses to resume the checkpoints in `workdir` under a config that differs from the one they were made
-  with, beyond RESUMABLE_CHANGES. Settings unknown to either side (added or removed since) are not compared."""
-  if not os.path.exists(os.path.join(workdir, WORKDIR_CONFIG)):
-    return
-  recorded = _flat(_read_workdir_json(workdir))
+  with, beyond RESUMABLE_CHANGES. Settings unknown to either side (added or removed since) are not compared.
+  Without a readable record there is nothing to compare: refused, unless `adopt` (the user vouches that this
+  config continues the run; it becomes the record)."""
+  try:
+    recorded = _flat(_read_workdir_json(workdir))
+  except errors.WorkdirError as e:
+    if adopt:
+      logging.warning('%s; adopting the given config as the run\'s record (--adopt_config).', e)
+      return
+    raise errors.WorkdirError(
+        f'{e}, but {workdir} holds checkpoints: without that record nothing shows that this config continues '
+        'their run. If it does, rerun with --adopt_config (the config given becomes the record); otherwise give '
+        'a new --workdir.') from None
   current = _flat(json.loads(config.to_json_best_effort()))
   changed = sorted(key for key in recorded.keys() & current.keys()
                    if recorded[key] != current[key] and key.split('.')[0] not in RESUMABLE_CHANGES)
   if changed:
     details = '; '.join(f'{key}: {recorded[key]!r} -> {current[key]!r}' for key in changed)
-    raise ValueError(f'{workdir} holds checkpoints of a run with another config ({details}); resuming would '
-                     f'continue that run under these settings. Give a new --workdir, or delete {workdir} to '
-                     'start over.')
+    raise errors.ConfigError(f'{workdir} holds checkpoints of a run with another config ({details}); resuming '
+                             f'would continue that run under these settings. Give a new --workdir, or delete '
+                             f'{workdir} to start over.')
 
 
 def _read_workdir_json(workdir: str) -> dict:
   """The recorded config as plain JSON (lists stay lists: what `check_resumable` compares)."""
   path = os.path.join(workdir, WORKDIR_CONFIG)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir!r} the workdir of a vit_jax.main run?')
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    raise errors.WorkdirError(f'{path} is missing') from None
+  except (OSError, ValueError) as e:
+    raise errors.WorkdirError(f'{path} is unreadable ({type(e).__name__}: {e})') from None
+  if not isinstance(record, dict):
+    raise errors.WorkdirError(f'{path} is unreadable (not a JSON object)')
+  return record
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a `vit_jax.main` run recorded in its workdir."""
-  config = ml_collections.ConfigDict(_read_workdir_json(workdir))
+  try:
+    config = ml_collections.ConfigDict(_read_workdir_json(workdir))
+  except errors.WorkdirError as e:
+    raise errors.WorkdirError(f'{e}: is {workdir!r} the workdir of a vit_jax.main run?') from None
   for key, value in config.model.items():
     if isinstance(value, list):  # JSON has no tuples; model fields must be hashable.
       config.model[key] = tuple(value)

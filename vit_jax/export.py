@@ -19,6 +19,7 @@ import jax
 
 from vit_jax import checkpoints
 from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import models
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a vit_jax.main run.')
@@ -62,4 +63,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

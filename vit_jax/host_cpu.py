@@ -18,6 +18,8 @@ from typing import Optional
 from absl import logging
 import jax
 
+from vit_jax import errors
+
 # glibc mallopt parameters (malloc.h); their values are C ints.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _INT_MAX = 2**31 - 1
@@ -72,7 +74,7 @@ def setup(config=None, cpu_devices: Optional[int] = None) -> dict:
   if config is not None:
     cpu_devices = config.get('cpu_devices')
   if cpu_devices is not None and cpu_devices < 1:
-    raise ValueError(f'config.cpu_devices={cpu_devices}: give a positive device count, or None for one.')
+    raise errors.ConfigError(f'config.cpu_devices={cpu_devices}: give a positive device count, or None for one.')
   on_cpu = runs_on_cpu()
   forced = forced_device_count()
   if _backends_started():

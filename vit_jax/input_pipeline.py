@@ -15,9 +15,10 @@ import tensorflow_datasets as tfds
 
 from vit_jax.datasets import embedded
 from vit_jax.datasets import folder
+from vit_jax import errors
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(errors.DataError):
   """A dataset is not prepared where we looked; the message says where and how to prepare it."""
 
 
@@ -47,11 +48,11 @@ def get_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
     return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except tfds.core.registered.DatasetNotFoundError:
     raise DatasetNotFound(
         f'Unknown dataset {name!r}: neither one of ours ({", ".join(embedded.BUILDERS)}), nor an image folder '
         f'("folder:/path/to/images"), nor a tfds catalog name (see https://www.tensorflow.org/datasets/catalog).'
-    ) from e
+    ) from None  # tfds' error lists its whole catalogue.
   if not builder.is_prepared():
     raise DatasetNotFound(
         f'Dataset {name!r} is not prepared in {builder.data_dir}. This job never downloads: prepare it first, '
@@ -64,7 +65,7 @@ def get_info(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDic
   splits = builder.info.splits
   for split in (config.train_split, config.eval_split):
     if split.split('[')[0] not in splits:
-      raise ValueError(f'Dataset {builder.name!r} has no split {split!r}; it has {", ".join(splits)}.')
+      raise errors.DataError(f'Dataset {builder.name!r} has no split {split!r}; it has {", ".join(splits)}.')
   channels = builder.info.features['image'].shape[-1] or 3
   return DatasetInfo(num_classes=builder.info.features['label'].num_classes,
                      num_train_examples=splits[config.train_split].num_examples,

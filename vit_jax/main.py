@@ -7,7 +7,6 @@ Multi-host: run the same command on every host. On TPU VMs, SLURM and Open MPI t
 other by themselves; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 (see launch/).
 """
-import logging as py_logging
 import os
 
 from absl import app
@@ -16,9 +15,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-import tensorflow as tf
-
 from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import host_cpu
 from vit_jax import train
 
@@ -33,6 +31,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (with a coordinator).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index (with a coordinator).')
+_ADOPT_CONFIG = flags.DEFINE_bool(
+    'adopt_config', False, 'Resume checkpoints whose recorded config.json is missing or unreadable, under the '
+    'config given (it becomes the record). Without it such a workdir is refused.')
+_FALLBACK = flags.DEFINE_bool(
+    'fallback_to_intact_checkpoint', True, 'When the newest checkpoint fails its checksums or cannot be read, '
+    'set it aside (corrupt_checkpoints/) and resume from the newest intact one; false: stop instead.')
 
 
 def _cluster_detected() -> bool:
@@ -60,17 +64,16 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config_lib.validate(_CONFIG.value)
+  config_lib.validate(_CONFIG.value)  # Before TensorFlow loads: a bad config fails within seconds.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # tf.data only feeds the host; keep TensorFlow off any accelerator that JAX needs.
   tf.config.set_visible_devices([], 'GPU')
-  # Orbax and tfds narrate every file they touch at INFO; keep their warnings, drop the chatter.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= py_logging.WARNING or not any(
-          part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/')))
+  errors.quiet_library_logs()
   host_cpu.setup(_CONFIG.value)
   initialize_distributed()
   workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
-  result = train.train_and_evaluate(_CONFIG.value, workdir)
+  result = train.train_and_evaluate(_CONFIG.value, workdir, adopt_config=_ADOPT_CONFIG.value,
+                                    fallback_to_intact_checkpoint=_FALLBACK.value)
   if _CONFIG.value.objective == 'masked_patches':
     print(f'Final masked-patch colour accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} '
           f'corrupted patches of {_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} '
@@ -86,4 +89,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vit_jax import errors
 from vit_jax import models
 
 
@@ -47,7 +48,7 @@ def losses(model: models.VisionTransformer, params, images: jax.Array, rng: jax.
   """Per-patch cross-entropy, correctness and selection weights (batch, patches): averages are taken over the
   selected patches only."""
   if not isinstance(model, models.VisionTransformer) or model.resnet_layers is not None:
-    raise ValueError('Masked patch prediction needs a ViT (image patches as tokens), not a ResNet or hybrid.')
+    raise errors.ConfigError('Masked patch prediction needs a ViT (image patches as tokens), not a ResNet or hybrid.')
   grid = model.token_grid(images.shape[1:3])
   corruption, selected = sample_corruption(rng, images.shape[0], grid[0] * grid[1], config)
   logits = model.apply({'params': params}, images, train=train, corruption=corruption,

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import resnet
 
 # Sizes of the paper (Table 1) and of later work by the same group (Ti, S), plus a micro size for CPUs:
@@ -33,10 +35,8 @@ PAPER_VARIANTS = ('ViT-Ti/16', 'ViT-S/16', 'ViT-S/32', 'ViT-B/16', 'ViT-B/32', '
                   'ViT-L/32', 'ViT-H/14', 'R50+ViT-B/16')
 # Hybrid stems: ResNet-50 with stage 4 removed and stage 3 lengthened (paper Appendix B.1).
 RESNET_STEMS = {'R50': (3, 4, 9)}
-# 'relative': no absolute embedding; each attention layer adds a learned bias per head and 2-D offset between
-# the query and key patches to its logits (paper Appendix D.4).
-POSEMB_KINDS = ('learn_1d', 'learn_2d', 'sincos_2d', 'relative', 'none')
-CLASSIFIERS = ('token', 'gap')
+POSEMB_KINDS = config_lib.POSEMB_KINDS
+CLASSIFIERS = config_lib.CLASSIFIERS
 
 _VARIANT_RE = re.compile(r'^(?:(?P<stem>R\d+)\+)?(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<patch>\d+)$')
 
@@ -45,7 +45,7 @@ def parse_variant(name: str) -> dict:
   """'ViT-B/16', 'B/16', 'ViT-B_16' (published file names) or 'R50+ViT-B/16' -> model keyword arguments."""
   match = _VARIANT_RE.match(name.strip())
   if not match or match['size'] not in SIZES or (match['stem'] and match['stem'] not in RESNET_STEMS):
-    raise ValueError(
+    raise errors.ConfigError(
         f'Unknown model variant {name!r}. Known variants: {", ".join(PAPER_VARIANTS)}; in general '
         f'"[R50+]ViT-<size>/<patch>" with size one of {", ".join(SIZES)}; ResNet baselines '
         f'"BiT-R<depth>x<width>" (depth {", ".join(map(str, resnet.DEPTHS))}).')
@@ -57,7 +57,7 @@ def parse_variant(name: str) -> dict:
     # The name gives the patch size in pixels; the stem's output stride is 16, so "/16" is patch 1 and
     # "/32" patch 2 over the feature map.
     if kwargs['patch_size'] % 16:
-      raise ValueError(f'Hybrid variant {name!r}: the patch size must be a multiple of the stem stride 16.')
+      raise errors.ConfigError(f'Hybrid variant {name!r}: the patch size must be a multiple of the stem stride 16.')
     kwargs['patch_size'] //= 16
   return kwargs
 
@@ -74,10 +74,10 @@ def _get_resnet(match, num_classes: int, overrides: dict) -> resnet.ResNet:
   given += [k for k in ('remat', 'scan') if overrides.get(k)]
   given += [k for k in ('dropout_rate', 'attention_dropout_rate') if overrides.get(k)]
   if given:
-    raise ValueError(f'{match[0]} is a ResNet: the ViT options {given} do not apply to it; unset them.')
+    raise errors.ConfigError(f'{match[0]} is a ResNet: the ViT options {given} do not apply to it; unset them.')
   layers = overrides.get('resnet_layers') or resnet.DEPTHS.get(int(match['depth']))
   if layers is None:
-    raise ValueError(f'Unknown ResNet depth in {match[0]!r}: known depths {sorted(resnet.DEPTHS)}, or set '
+    raise errors.ConfigError(f'Unknown ResNet depth in {match[0]!r}: known depths {sorted(resnet.DEPTHS)}, or set '
                      f'resnet_layers (units per stage).')
   return resnet.ResNet(num_classes=num_classes, num_layers=tuple(layers),
                        width_factor=overrides.get('resnet_width') or int(match['width']),
@@ -95,7 +95,7 @@ def get_model(name: str, num_classes: int, **overrides) -> nn.Module:
   field_names = {f.name for f in dataclasses.fields(VisionTransformer)}
   unknown = set(kwargs) - field_names
   if unknown:
-    raise ValueError(f'Unknown model options {sorted(unknown)}; VisionTransformer takes '
+    raise errors.ConfigError(f'Unknown model options {sorted(unknown)}; VisionTransformer takes '
                      f'{sorted(field_names - {"parent", "name"})}.')
   return VisionTransformer(num_classes=num_classes, **kwargs)
 
@@ -120,7 +120,7 @@ def position_embedding_table(model: 'VisionTransformer', params, image_size: int
 def sincos_2d(grid: Tuple[int, int], dim: int, temperature: float = 10_000.) -> np.ndarray:
   """Fixed 2-D sine-cosine position embedding, (h*w, dim): a quarter of the channels per sin/cos x/y."""
   if dim % 4:
-    raise ValueError(f'sincos_2d position embeddings need hidden_size divisible by 4, got {dim}.')
+    raise errors.ConfigError(f'sincos_2d position embeddings need hidden_size divisible by 4, got {dim}.')
   y, x = np.mgrid[:grid[0], :grid[1]]
   omega = 1. / temperature**(np.arange(dim // 4) / (dim // 4 - 1 or 1))
   y = y.reshape(-1)[:, None] * omega[None]
@@ -153,7 +153,7 @@ class AddPositionEmbs(nn.Module):
     elif self.kind == 'sincos_2d':
       posemb = jnp.asarray(sincos_2d(self.grid, dim))
     else:
-      raise ValueError(f'Unknown posemb {self.kind!r}; choose one of {POSEMB_KINDS}.')
+      raise errors.ConfigError(f'Unknown posemb {self.kind!r}; choose one of {POSEMB_KINDS}.')
     posemb = jnp.pad(posemb, ((self.num_prefix_tokens, 0), (0, 0)))
     return x + posemb[None].astype(x.dtype)
 
@@ -207,7 +207,7 @@ class MultiHeadSelfAttention(nn.Module):
   def __call__(self, x, deterministic: bool):
     dim = x.shape[-1]
     if dim % self.num_heads:
-      raise ValueError(f'hidden_size {dim} is not divisible by num_heads {self.num_heads}.')
+      raise errors.ConfigError(f'hidden_size {dim} is not divisible by num_heads {self.num_heads}.')
     # Xavier-uniform kernels, as the published models' attention (flax's default would be LeCun-normal).
     dense = lambda name: nn.DenseGeneral((self.num_heads, dim // self.num_heads), dtype=self.dtype,
                                          kernel_init=nn.initializers.xavier_uniform(), name=name)
@@ -398,22 +398,22 @@ class VisionTransformer(nn.Module):
     """Logits (batch, classes); with `corruption` (masked patch prediction), the mean-colour logits of every
     patch instead, (batch, patches, 2**(MEAN_COLOUR_BITS * channels)), from the `mpp_head` layer."""
     if self.classifier not in CLASSIFIERS:
-      raise ValueError(f'Unknown classifier {self.classifier!r}; choose one of {CLASSIFIERS}.')
+      raise errors.ConfigError(f'Unknown classifier {self.classifier!r}; choose one of {CLASSIFIERS}.')
     if self.posemb not in POSEMB_KINDS:
-      raise ValueError(f'Unknown posemb {self.posemb!r}; choose one of {POSEMB_KINDS}.')
+      raise errors.ConfigError(f'Unknown posemb {self.posemb!r}; choose one of {POSEMB_KINDS}.')
     if images.ndim != 4:
-      raise ValueError(f'Expected images of shape (batch, height, width, channels), got {images.shape}.')
+      raise errors.ConfigError(f'Expected images of shape (batch, height, width, channels), got {images.shape}.')
     x = images
     if self.resnet_layers is not None:
       x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width)
     if self.conv_stem and self.resnet_layers is not None:
-      raise ValueError('conv_stem and resnet_layers are two different stems: set only one of them.')
+      raise errors.ConfigError('conv_stem and resnet_layers are two different stems: set only one of them.')
     for i, channels in enumerate(self.conv_stem or ()):
       x = nn.relu(nn.Conv(channels, (3, 3), padding='SAME', dtype=self.dtype, name=f'stem_conv_{i}')(x))
     height, width = x.shape[1:3]
     if height % self.patch_size or width % self.patch_size:
       what = 'ResNet feature map' if self.resnet_layers is not None else 'image size'
-      raise ValueError(
+      raise errors.ConfigError(
           f'The {what} {height}x{width} is not divisible by the patch size {self.patch_size}: use an image '
           f'size that is a multiple of {self.patch_size} (e.g. {_nearby_multiples(height, self.patch_size)}) '
           f'or a patch size that divides it.')
@@ -424,7 +424,7 @@ class VisionTransformer(nn.Module):
     if corruption is not None:
       if self.resnet_layers is not None or self.conv_stem:
         # A stem's receptive field crosses patch borders: neighbouring tokens would see the masked pixels.
-        raise ValueError('Masked patch prediction needs image patches as tokens: use a ViT without a stem '
+        raise errors.ConfigError('Masked patch prediction needs image patches as tokens: use a ViT without a stem '
                          '(no resnet_layers, no conv_stem), e.g. configs/vit_mu7.py.')
       mask_token = self.param('mask_token', nn.initializers.normal(stddev=0.02), (1, 1, dim))
       swapped = x.reshape(-1, dim)[jnp.maximum(corruption.replace_with, 0)]

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import masked_patches
 from vit_jax import models
 
@@ -79,4 +80,4 @@ def from_config(config: ml_collections.ConfigDict):
     return Classification(label_smoothing=config.label_smoothing)
   if config.objective == 'masked_patches':
     return MaskedPatches(settings=config.masked_patches)
-  raise ValueError(f'Unknown objective {config.objective!r}; choose one of {config_lib.OBJECTIVES}.')
+  raise errors.ConfigError(f'Unknown objective {config.objective!r}; choose one of {config_lib.OBJECTIVES}.')

@@ -13,6 +13,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import errors
+
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = MESH_AXES  # The batch is split over every device; fsdp devices share parameters, not data.
 
@@ -27,18 +29,18 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   sizes = {name: int(mesh_config.get(name, 1)) for name in MESH_AXES}
   unknown = set(mesh_config.keys()) - set(MESH_AXES) - {'min_shard_size'}
   if unknown:
-    raise ValueError(f'Unknown mesh axes {sorted(unknown)} in config.mesh; the axes are {MESH_AXES}.')
+    raise errors.ConfigError(f'Unknown mesh axes {sorted(unknown)} in config.mesh; the axes are {MESH_AXES}.')
   free = [name for name, size in sizes.items() if size == -1]
   fixed = int(np.prod([size for size in sizes.values() if size != -1]))
   if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-    raise ValueError(f'Invalid mesh {sizes}: give each axis a positive size, and -1 to at most one.')
+    raise errors.ConfigError(f'Invalid mesh {sizes}: give each axis a positive size, and -1 to at most one.')
   if free:
     if fixed == 0 or devices.size % fixed:
-      raise ValueError(f'The mesh {sizes} does not divide the {devices.size} devices: the fixed axes multiply '
+      raise errors.ConfigError(f'The mesh {sizes} does not divide the {devices.size} devices: the fixed axes multiply '
                        f'to {fixed}. Set --config.mesh.* so that their product divides {devices.size}.')
     sizes[free[0]] = devices.size // fixed
   if int(np.prod(list(sizes.values()))) != devices.size:
-    raise ValueError(f'The mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but there are '
+    raise errors.ConfigError(f'The mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but there are '
                      f'{devices.size}: set --config.mesh.data=-1 to use every device, or sizes that multiply '
                      f'to {devices.size}.')
   return Mesh(devices.reshape([sizes[name] for name in MESH_AXES]), MESH_AXES)
@@ -54,15 +56,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, accum_steps: int = 1, field: s
   shards = num_batch_shards(mesh)
   layout = ' x '.join(f'{name}={mesh.shape[name]}' for name in BATCH_AXES)
   if batch_size % shards:
-    raise ValueError(
+    raise errors.ConfigError(
         f'The batch size {batch_size} is not divisible by the number of devices it is split over '
         f'({shards}: {layout}): set --config.{field} to a multiple of {shards} (e.g. '
         f'{max(1, batch_size // shards) * shards}).')
   if accum_steps < 1 or batch_size % accum_steps:
-    raise ValueError(f'config.accum_steps={accum_steps} does not divide the batch size {batch_size}: use a '
+    raise errors.ConfigError(f'config.accum_steps={accum_steps} does not divide the batch size {batch_size}: use a '
                      f'divisor of it, e.g. {max(d for d in range(1, 9) if batch_size % d == 0)}.')
   if (batch_size // accum_steps) % shards:
-    raise ValueError(
+    raise errors.ConfigError(
         f'The micro-batch {batch_size // accum_steps} (batch {batch_size} / accum_steps {accum_steps}) is not '
         f'divisible by the {shards} devices ({layout}): use a batch size that is a multiple of '
         f'{shards * accum_steps}, or fewer accumulation steps.')

@@ -5,6 +5,7 @@ The steps are jitted over the device mesh of `sharding.py` with the shardings it
 the run's objective (`objectives.py`). The same code runs on one CPU device, on simulated devices and on a
 pod.
 """
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Dict, Tuple
@@ -22,9 +23,11 @@ from jax.sharding import Mesh
 
 from vit_jax import checkpoints
 from vit_jax import config_lib
+from vit_jax import errors
 from vit_jax import models
 from vit_jax import objectives
 from vit_jax import sharding
+from vit_jax import workdir_lock
 
 
 @flax.struct.dataclass
@@ -40,20 +43,22 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
   if config.total_steps:
     return int(config.total_steps)
   if not config.num_epochs:
-    raise ValueError('Set --config.total_steps or --config.num_epochs.')
+    raise errors.ConfigError('Set --config.total_steps or --config.num_epochs.')
   return max(1, int(config.num_epochs * num_train_examples / config.batch_size))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then linear or cosine decay to 0 at `num_steps` (paper Appendix B.1)."""
-  warmup = min(config.warmup_steps, num_steps - 1)
+  warmup = config.warmup_steps
+  if warmup >= num_steps:  # Reached with num_epochs; `config_lib.validate` checks total_steps.
+    raise errors.ConfigError(config_lib.warmup_problem(warmup, num_steps))
   decay_steps = max(1, num_steps - warmup)
   if config.schedule == 'linear':
     decay = optax.linear_schedule(config.lr, 0.0, decay_steps)
   elif config.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(config.lr, decay_steps)
   else:
-    raise ValueError(f'Unknown schedule {config.schedule!r}; choose "linear" or "cosine".')
+    raise errors.ConfigError(f'Unknown schedule {config.schedule!r}; choose "linear" or "cosine".')
   if warmup <= 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])
@@ -75,7 +80,7 @@ def create_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax
     if config.weight_decay:
       optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay, _decay_mask), optimizer)
   else:
-    raise ValueError(f'Unknown optimizer {config.optimizer!r}; choose "adam" or "sgd".')
+    raise errors.ConfigError(f'Unknown optimizer {config.optimizer!r}; choose "adam" or "sgd".')
   if config.grad_clip_norm:
     optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
   return optimizer
@@ -291,10 +296,47 @@ def init_from_pretrained(run: TrainSetup, config: ml_collections.ConfigDict) -> 
   return new_state(params)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Trains from scratch (or resumes from the latest checkpoint in `workdir`), then evaluates. The process's
-  host is set up by the caller (`host_cpu.setup`, before JAX starts)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, adopt_config: bool = False,
+                       fallback_to_intact_checkpoint: bool = True) -> Dict[str, float]:
+  """Trains from scratch (or resumes from the newest intact checkpoint in `workdir`), then evaluates. The
+  process's host is set up by the caller (`host_cpu.setup`, before JAX starts).
+
+  `adopt_config`: resume checkpoints whose recorded config is missing or unreadable under this config.
+  `fallback_to_intact_checkpoint`: False refuses to resume when the newest checkpoint is damaged, instead of
+  setting it aside and resuming from the newest intact one."""
   config_lib.validate(config)
+  with _workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Process 0 holds the workdir's lock; every process stops if it cannot (none may write into a workdir in
+  use)."""
+  lock, refusal = None, None
+  if jax.process_index() == 0:
+    if '://' in workdir:
+      logging.warning('No lock on %s: object stores have none; make sure no other run uses it.', workdir)
+    else:
+      lock = workdir_lock.WorkdirLock(workdir)
+      try:
+        lock.acquire()
+      except errors.WorkdirError as e:
+        refusal = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if not multihost_utils.broadcast_one_to_all(np.array(refusal is None)):
+      refusal = refusal or errors.WorkdirError(f'Process 0 could not lock {workdir}: see its log.')
+  if refusal is not None:
+    raise refusal
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint):
   # TensorFlow (tf.data, summaries) is imported only here: the steps above run without it (benchmarks, and
   # processes that use PyTorch, whose triton crashes when loaded after TensorFlow).
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -304,15 +346,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   num_steps = total_steps(config, info.num_train_examples)
   run = setup(config, mesh, info.num_classes, num_steps, info.channels)
   manager = checkpoints.train_state_manager(workdir, config.keep_checkpoints)
-  latest = manager.latest_step()
-  if latest is not None:
-    config_lib.check_resumable(config, workdir)
+  if manager.latest_step() is not None:
+    config_lib.check_resumable(config, workdir, adopt=adopt_config)
   if jax.process_index() == 0:
     config_lib.save_workdir_config(config, workdir)  # After the check: it compares with the recorded config.
+  # Collective: every process restores (and verifies) its own shards of the state.
+  state, latest = checkpoints.restore_newest_intact(
+      manager, ocp.args.StandardRestore(run.abstract_state), workdir, fallback=fallback_to_intact_checkpoint,
+      out_sharding=sharding.replicated(mesh))
   if latest is not None:
-    # Collective: every process restores its own shards of the state.
-    state = manager.restore(latest, args=ocp.args.StandardRestore(run.abstract_state))
-    logging.info('Resumed from the checkpoint of step %d in %s.', latest, manager.directory)
+    logging.info('Resumed from the checkpoint of step %d in %s (checksums verified).', latest, manager.directory)
   elif config.init_from:
     state = init_from_pretrained(run, config)
   else:
@@ -351,12 +394,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         # Checked at this very step: a diverging run never replaces finite checkpoints by non-finite ones.
         if not bool(all_finite((metrics['loss'], state.params))):
           raise divergence_error('the loss or parameters are not finite', step, config, manager)
-        manager.save(step, args=ocp.args.StandardSave(state))
+        checkpoints.save_train_state(manager, step, state, sharding.replicated(mesh))
       if step % config.eval_every_steps == 0 and step != num_steps:
         evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, step)
         logger.restart_clock(step)
     result = evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, num_steps)
-  manager.wait_until_finished()
+  checkpoints.finish_saving(manager)
   manager.close()
   return {**result, 'step': int(jax.device_get(state.step)), 'train_loss': summary.get('loss')}
 
@@ -368,7 +411,7 @@ def all_finite(tree) -> jax.Array:
 
 
 def divergence_error(what: str, step: int, config: ml_collections.ConfigDict,
-                     manager: ocp.CheckpointManager) -> FloatingPointError:
+                     manager: ocp.CheckpointManager) -> errors.TrainingDiverged:
   """The error that stops a diverged run: what went wrong where, which checkpoint is kept, what to change."""
   manager.wait_until_finished()
   kept = manager.latest_step()
@@ -379,7 +422,7 @@ def divergence_error(what: str, step: int, config: ml_collections.ConfigDict,
               f'(now {config.lr})')
   else:
     advice = 'lower the learning rate or clip gradients (--config.grad_clip_norm=1.0)'
-  return FloatingPointError(
+  return errors.TrainingDiverged(
       f'Training diverged: {what} at step {step}. Nothing non-finite was saved: {kept}. A restart would '
       f'diverge the same way; {advice}, in a new --workdir.')
 

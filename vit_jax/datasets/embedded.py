@@ -16,6 +16,8 @@ from typing import Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vit_jax import errors
+
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
 FASHION_MNIST_ENV = 'VIT_JAX_FASHION_MNIST_DIR'
 FASHION_MNIST_CLASSES = ('t-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt',
@@ -24,7 +26,7 @@ _FASHION_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-uby
                   'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(errors.DataError):
   """The files a dataset is built from are not on this machine; the message says how to get them."""
 
 

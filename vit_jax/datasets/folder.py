@@ -18,12 +18,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import errors
+
 PREFIX = 'folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 HELD_OUT_EVERY = 5
 
 
-class FolderError(ValueError):
+class FolderError(errors.DataError, ValueError):
   """The image folder cannot be used; the message says what is wrong and where."""
 
 

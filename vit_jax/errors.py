@@ -1,0 +1,81 @@
+"""Errors a user can fix (config, data, checkpoint, workdir, devices), and how the command-line tools report
+them: one short message and exit status 2, with the traceback only on request. Anything else is a bug and
+keeps its full traceback.
+
+No heavy imports here: `config_lib` and the models use it before JAX or TensorFlow start.
+"""
+import logging as py_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+TRACEBACK_ENV = 'VIT_JAX_TRACEBACK'
+
+
+class UserError(Exception):
+  """A problem in what the user gave; the message names it and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """A setting that cannot work: a config field, or one that does not fit the devices, data or model."""
+
+
+class DataError(UserError, FileNotFoundError):
+  """A dataset that is not where or what the config says."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint that cannot be used: unreadable, corrupt, or not matching the model."""
+
+
+class WorkdirError(UserError, RuntimeError):
+  """A workdir that a run cannot use as it is: in use by another job, or missing its record."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+  """The loss or the parameters stopped being finite."""
+
+
+def show_tracebacks() -> bool:
+  """Whether the user asked for tracebacks (--verbose, or the environment variable)."""
+  verbose = 'verbose' in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.verbose
+  return verbose or os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
+
+
+def quiet_library_logs() -> None:
+  """Orbax and tfds narrate every file they touch at INFO: their warnings and errors are kept, the chatter
+  dropped. A failed checkpoint write makes orbax log the same storage error, traceback and all, from each of
+  its threads; the run then reports it once, so theirs keep their first line only (all of it with
+  --verbose)."""
+  def keep(record) -> bool:
+    if not any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/')):
+      return True
+    if record.levelno < py_logging.WARNING:
+      return False
+    if not show_tracebacks():
+      record.msg, record.args = record.getMessage().split('\n')[0][:300], ()
+      record.exc_info, record.exc_text = None, None
+    return True
+
+  logging.get_absl_handler().addFilter(keep)
+
+
+def run(main) -> None:
+  """`absl.app.run(main)`, with user errors printed as one message and exit status 2."""
+  # Defined here, not at import: libraries and notebooks import this module too.
+  flags.DEFINE_bool('verbose', False, f'Show the traceback of user errors too (or set {TRACEBACK_ENV}=1).')
+
+  def main_reporting_user_errors(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      if show_tracebacks():
+        raise
+      sys.stderr.write(f'Error: {e}\n(--verbose or {TRACEBACK_ENV}=1 shows the traceback)\n')
+      sys.stderr.flush()
+      sys.exit(2)
+
+  app.run(main_reporting_user_errors)
