@@ -141,15 +141,18 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _fingerprints_fn(out_sharding):
-  return jax.jit(lambda leaves: [_fingerprint(x) for x in leaves], out_shardings=out_sharding)
+def _fingerprint_fn(out_sharding):
+  # One small program per array shape, reused by the layers that share it: one program over all arrays took
+  # ~10x longer to compile than to run (docs/faults.md).
+  return jax.jit(_fingerprint, out_shardings=out_sharding)
 
 
 def array_checksums(tree: Any, out_sharding=None) -> Dict[str, List[int]]:
   """{array path: two 32-bit checksums} of every array of `tree`, computed where the arrays are.
   `out_sharding`: a replicated sharding of their mesh, so that every process can read the sums."""
   named = jax.tree_util.tree_flatten_with_path(tree)[0]
-  sums = jax.device_get(_fingerprints_fn(out_sharding)([x for _, x in named]))
+  fingerprint = _fingerprint_fn(out_sharding)
+  sums = jax.device_get([fingerprint(x) for _, x in named])
   return {_path_name(path): [int(v) for v in np.asarray(s)] for (path, _), s in zip(named, sums)}
 
 
@@ -311,27 +314,35 @@ def load_pretrained(source: str) -> Dict[str, Any]:
   return params
 
 
-def restore_params(workdir: str, step=None, ema=None):
-  """The parameters of a workdir's checkpoint (by default the newest intact one), as numpy arrays on this
-  host, whatever the mesh that wrote them, verified against their recorded checksums. `ema`: the moving
-  average of the parameters (`config.ema_decay` > 0) instead of the parameters; None: the average when the
-  run kept one."""
+def _reading_manager(workdir: str) -> ocp.CheckpointManager:
   directory = checkpoint_dir(os.path.abspath(workdir))
   if not os.path.isdir(directory):
     raise CheckpointError(f'No checkpoints in {workdir!r}: expected a vit_jax.main workdir with '
                           f'a {CHECKPOINT_DIR}/ folder.')
   _quiet_echoes_of_failed_io()
   handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), INTEGRITY_ITEM: ocp.JsonCheckpointHandler()}
-  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
-    steps = sorted(manager.all_steps(), reverse=True)
-    if step is not None and step not in steps:
-      raise CheckpointError(f'No checkpoint of step {step} in {directory}; it has {sorted(steps)}.')
-    if not steps:
-      raise CheckpointError(f'No checkpoint in {directory}.')
+  return ocp.CheckpointManager(directory, item_handlers=handlers)
+
+
+def _steps_to_try(manager: ocp.CheckpointManager, step: Optional[int]) -> List[int]:
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None and step not in steps:
+    raise CheckpointError(f'No checkpoint of step {step} in {manager.directory}; it has {sorted(steps)}.')
+  if not steps:
+    raise CheckpointError(f'No checkpoint in {manager.directory}.')
+  return [step] if step is not None else steps
+
+
+def restore_params(workdir: str, step=None, ema=None):
+  """The parameters of a workdir's checkpoint (by default the newest whose parameters are intact), as numpy
+  arrays on this host, whatever the mesh that wrote them, verified against their recorded checksums. `ema`:
+  the moving average of the parameters (`config.ema_decay` > 0) instead of the parameters; None: the average
+  when the run kept one."""
+  with _reading_manager(workdir) as manager:
     failures = []
-    for candidate in ([step] if step is not None else steps):
+    for candidate in _steps_to_try(manager, step):
       try:
-        params, key = _restore_params_of_step(manager, candidate, ema)
+        arrays = _read_verified(manager, candidate, lambda metadata: [_params_key(metadata, candidate, ema)])
       except CorruptCheckpoint as e:
         if step is not None:
           raise
@@ -339,27 +350,40 @@ def restore_params(workdir: str, step=None, ema=None):
         continue
       for message in failures:
         logging.warning('%s Using step %d instead.', message, candidate)
-      return jax.tree.map(np.asarray, params[key]), candidate
+      return jax.tree.map(np.asarray, next(iter(arrays.values()))), candidate
   raise CheckpointError('No intact checkpoint:\n  ' + '\n  '.join(failures))
 
 
-def _restore_params_of_step(manager: ocp.CheckpointManager, step: int, ema):
+def verify(workdir: str, step: int) -> None:
+  """Reads every array of a workdir's checkpoint (parameters, optimizer state, moving average) and checks it
+  against the recorded checksums; raises CorruptCheckpoint naming what failed."""
+  with _reading_manager(workdir) as manager:
+    _steps_to_try(manager, step)
+    _read_verified(manager, step, lambda metadata: [key for key, value in metadata.items() if value is not None])
+
+
+def _params_key(metadata: dict, step: int, ema) -> str:
+  has_ema = metadata.get('ema_params') is not None
+  if ema and not has_ema:
+    raise CheckpointError(f'The checkpoint of step {step} has no moving average of the parameters (the run had '
+                          f'config.ema_decay=0): use its parameters.')
+  return 'ema_params' if (has_ema if ema is None else ema) else 'params'
+
+
+def _read_verified(manager: ocp.CheckpointManager, step: int, select) -> Dict[str, Any]:
+  """The parts `select(metadata)` of a checkpoint's state, on this host's first device, verified."""
   try:
     metadata = dict(manager.item_metadata(step)[STATE_ITEM])
   except Exception as e:  # pylint: disable=broad-except
     raise CorruptCheckpoint(f'The checkpoint of step {step} ({manager.directory}/{step}) is not intact: its '
-                          f'metadata cannot be read ({_short(e)}).') from None
-  has_ema = metadata.get('ema_params') is not None
-  if ema and not has_ema:
-    raise CheckpointError(f'The checkpoint of step {step} in {manager.directory} has no moving average of the '
-                          f'parameters (the run had config.ema_decay=0): use its parameters.')
-  key = 'ema_params' if (has_ema if ema is None else ema) else 'params'
+                            f'metadata cannot be read ({_short(e)}).') from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  # Only the wanted parameters are read (and verified); the optimizer state stays on disk.
-  target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[key])}
+  # Only the selected parts are read (and verified); the rest stays on disk.
+  target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[key])
+            for key in select(metadata)}
   args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
-  return _restore_verified(manager, step, args), key
+  return _restore_verified(manager, step, args)
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:

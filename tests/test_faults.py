@@ -1,0 +1,323 @@
+"""Faults a long run meets, injected for real into the main job: damaged checkpoints, a lost config record,
+two jobs on one workdir, kill -9 during saves, a full disk, divergence, bad input. Each must be detected and
+reported in a line; none may resume silently from bad data; the last good checkpoint stays usable; a run that
+can recover ends with the parameters of an uninterrupted one. The table of these faults: docs/faults.md."""
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_main
+from vit_jax import checkpoints
+from vit_jax import errors
+from vit_jax import workdir_lock
+
+STEPS = 60
+TINY = ('--config=configs/digits.py', '--config.model.num_layers=1', '--config.batch_size=32',
+        '--config.eval_batch_size=71', '--config.warmup_steps=10', f'--config.total_steps={STEPS}',
+        '--config.log_every_steps=20', '--config.eval_every_steps=1000', '--config.keep_checkpoints=3')
+EVERY_20 = ('--config.checkpoint_every_steps=20',)
+
+
+def _flags(data_dir, *extra):
+  return (*TINY, f'--config.data_dir={data_dir}', *extra)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, data_dir):
+  """An uninterrupted run (checkpoints 20, 40, 60); its workdir is copied before each fault."""
+  workdir = tmp_path_factory.mktemp('faults') / 'reference'
+  run_main(workdir, *_flags(data_dir, *EVERY_20))
+  return workdir
+
+
+def _copy(reference, tmp_path, name='run'):
+  target = tmp_path / name
+  shutil.copytree(reference, target)
+  return target
+
+
+def _steps(workdir):
+  return sorted(int(p) for p in os.listdir(os.path.join(workdir, 'checkpoints')) if p.isdigit())
+
+
+def _assert_same_final_params(workdir, reference):
+  ours, theirs = checkpoints.restore_params(str(workdir), STEPS, ema=False)[0], checkpoints.restore_params(
+      str(reference), STEPS, ema=False)[0]
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _assert_one_line_error(result):
+  """A user error: exit status 2, one 'Error:' message, no traceback."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  return re.search(r'^Error: (.*)$', result.stderr, re.M)[1]
+
+
+def _largest_data_file(step_dir):
+  return max(glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True), key=os.path.getsize)
+
+
+def _flip_bytes(path, fraction, count=64):
+  data = bytearray(open(path, 'rb').read())
+  start = int(len(data) * fraction)
+  for i in range(start, min(start + count, len(data))):
+    data[i] ^= 0x5A
+  with open(path, 'wb') as f:
+    f.write(bytes(data))
+
+
+def _truncate(path):
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _state_of_step_40(step_dir):
+  """Files that read fine but are not what this step wrote: the state of the step before, moved in."""
+  shutil.rmtree(os.path.join(step_dir, 'state'))
+  shutil.copytree(os.path.join(os.path.dirname(step_dir), '40', 'state'), os.path.join(step_dir, 'state'))
+
+
+DAMAGE = {
+    'truncated data file': lambda step_dir: _truncate(_largest_data_file(step_dir)),
+    'flipped bytes, same size': lambda step_dir: _flip_bytes(_largest_data_file(step_dir), 0.5),
+    'truncated metadata': lambda step_dir: _truncate(os.path.join(step_dir, 'state', '_METADATA')),
+    'missing data file': lambda step_dir: os.remove(_largest_data_file(step_dir)),
+    'missing integrity record': lambda step_dir: shutil.rmtree(os.path.join(step_dir, 'integrity')),
+    'state of another step': _state_of_step_40,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', DAMAGE)
+def test_a_damaged_checkpoint_is_detected_and_the_newest_intact_one_used(damage, reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  DAMAGE[damage](str(workdir / 'checkpoints' / str(STEPS)))
+  with pytest.raises(checkpoints.CorruptCheckpoint, match=rf'checkpoint of step {STEPS} \(.*\) is not intact'):
+    checkpoints.verify(str(workdir), STEPS)  # Every array, as a resuming run reads them.
+  checkpoints.verify(str(workdir), 40)  # The one a run falls back to.
+
+
+@pytest.mark.slow
+def test_bytes_flipped_anywhere_are_caught_and_the_checksums_catch_what_reads_back_silently(reference, tmp_path):
+  """Zstd frames that still decode after a flip (most of a frame of incompressible floats is stored raw) give
+  other numbers without any read error: the recorded checksums are what catches those."""
+  caught_by_checksums = 0
+  for i, fraction in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
+    workdir = _copy(reference, tmp_path, f'run_{i}')
+    _flip_bytes(_largest_data_file(str(workdir / 'checkpoints' / str(STEPS))), fraction)
+    with pytest.raises(checkpoints.CorruptCheckpoint) as error:
+      checkpoints.verify(str(workdir), STEPS)
+    caught_by_checksums += 'differ from the checksums recorded' in str(error.value)
+  assert caught_by_checksums >= 1
+
+
+@pytest.mark.slow
+def test_the_main_job_sets_a_damaged_checkpoint_aside_and_ends_where_an_uninterrupted_run_does(
+    reference, tmp_path, data_dir):
+  workdir = _copy(reference, tmp_path)
+  for step in (STEPS, 40):  # Silent damage (numbers changed, files read fine) to the two newest.
+    _flip_bytes(_largest_data_file(str(workdir / 'checkpoints' / str(step))), 0.5)
+  refused = run_main(workdir, *_flags(data_dir, *EVERY_20), '--fallback_to_intact_checkpoint=false', check=False)
+  assert f'The checkpoint of step {STEPS}' in _assert_one_line_error(refused)
+  assert _steps(workdir) == [20, 40, STEPS]  # Refusing moves nothing.
+
+  result = run_main(workdir, *_flags(data_dir, *EVERY_20))
+  assert re.search(rf'checkpoint of step {STEPS} .* is not intact.*Moved to .*corrupt_checkpoints/{STEPS}-',
+                   result.stderr)
+  assert 'resuming from step 20 instead' in result.stderr
+  assert 'Resumed from the checkpoint of step 20' in result.stderr
+  assert sorted(p.split('-')[0] for p in os.listdir(workdir / 'corrupt_checkpoints')) == ['40', str(STEPS)]
+  _assert_same_final_params(workdir, reference)
+
+  for step in _steps(workdir):  # Nothing intact left: refused, naming each checkpoint, nothing moved.
+    _truncate(_largest_data_file(os.path.join(workdir, 'checkpoints', str(step))))
+  none_left = run_main(workdir, *_flags(data_dir, *EVERY_20), check=False)
+  message = _assert_one_line_error(none_left)
+  assert 'No intact checkpoint to resume from' in message and 'They are left in place' in none_left.stderr
+  assert _steps(workdir) == [20, 40, STEPS]
+
+
+@pytest.mark.slow
+def test_a_lost_or_unreadable_run_record_is_refused_unless_adopted(reference, tmp_path, data_dir):
+  workdir = _copy(reference, tmp_path)
+  os.remove(workdir / 'config.json')
+  lost = run_main(workdir, *_flags(data_dir, *EVERY_20), '--config.lr=0.5', check=False)
+  assert 'config.json is missing' in _assert_one_line_error(lost) and '--adopt_config' in lost.stderr
+  assert not os.path.exists(workdir / 'config.json')  # Not rewritten by the refused run.
+  (workdir / 'config.json').write_text(open(reference / 'config.json').read()[:200])  # Cut short.
+  cut = run_main(workdir, *_flags(data_dir, *EVERY_20), check=False)
+  assert 'config.json is unreadable' in _assert_one_line_error(cut)
+  adopted = run_main(workdir, *_flags(data_dir, *EVERY_20), '--adopt_config')
+  assert 'adopting the given config' in adopted.stderr
+  assert json.load(open(workdir / 'config.json'))['lr'] == 2e-3  # The record is whole again.
+
+
+def _start(workdir, flags):
+  return subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *flags], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, process, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    assert process.poll() is None, f'the run ended early:\n{process.stderr.read()[-3000:]}'
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_workdir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, data_dir):
+  workdir = tmp_path / 'shared'
+  flags = _flags(data_dir, '--config.total_steps=3000', '--config.checkpoint_every_steps=500')
+  first = _start(workdir, flags)
+  lock_file = workdir / workdir_lock.LOCK_FILE
+  _wait_for(lambda: os.path.exists(lock_file) and os.path.getsize(lock_file) > 0, first)
+  second = run_main(workdir, *flags, check=False)
+  message = _assert_one_line_error(second)
+  assert f'is in use by another run (pid {first.pid} on host' in message
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  assert os.path.exists(lock_file)  # Left behind by the killed run, but no longer locked by anyone.
+  # A shorter run (total_steps may differ on resume; the killed one saved nothing anyway).
+  third = run_main(workdir, *_flags(data_dir, '--config.total_steps=20', '--config.checkpoint_every_steps=500'),
+                   check=False)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert f'Took over {lock_file} from a run that ended without releasing it (pid {first.pid}' in third.stderr
+  assert not os.path.exists(lock_file)  # Released on exit.
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves_at_random_moments_loses_nothing(reference, tmp_path, data_dir):
+  """A checkpoint every step, so that a save is nearly always in flight; killed three times at random
+  moments after fresh progress, then left to finish."""
+  workdir = tmp_path / 'killed'
+  flags = _flags(data_dir, '--config.checkpoint_every_steps=1')
+  rng = random.Random(17)
+  kills_during_a_save = 0
+  for _ in range(3):
+    before = _steps(workdir)[-1] if os.path.isdir(workdir / 'checkpoints') and _steps(workdir) else 0
+    process = _start(workdir, flags)
+    _wait_for(lambda: os.path.isdir(workdir / 'checkpoints') and _steps(workdir) and _steps(workdir)[-1] > before,
+              process)
+    time.sleep(rng.uniform(0.0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    newest = _steps(workdir)[-1]
+    in_flight = [p for p in glob.glob(str(workdir / 'checkpoints' / '*.orbax-checkpoint-tmp*'))
+                 if int(os.path.basename(p).split('.')[0]) > newest]
+    kills_during_a_save += bool(in_flight)
+    assert newest < STEPS
+    _, step = checkpoints.restore_params(str(workdir), newest)  # The newest complete checkpoint reads, verified.
+    assert step == newest
+  assert kills_during_a_save >= 1
+  result = run_main(workdir, *flags)
+  assert re.search(r'Resumed from the checkpoint of step \d+ in .* \(checksums verified\)', result.stderr)
+  _assert_same_final_params(workdir, reference)
+
+
+def _mount_small_disk(path, size):
+  """A tmpfs of `size` at `path` (needs root, as in CI); False where mounting is not allowed."""
+  os.makedirs(path, exist_ok=True)
+  return subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_with_the_last_checkpoint_intact_and_it_resumes_once_freed(
+    reference, tmp_path, data_dir):
+  disk = tmp_path / 'disk'
+  one_checkpoint = sum(os.path.getsize(p) for p in glob.glob(str(reference / 'checkpoints' / '20' / '**'),
+                                                             recursive=True) if os.path.isfile(p))
+  if not _mount_small_disk(disk, f'{int(1.6 * one_checkpoint) // 1024}k'):
+    pytest.skip('mounting a tmpfs needs root (CI runs as root)')
+  try:
+    full = run_main(disk / 'run', *_flags(data_dir, *EVERY_20), check=False)
+    message = _assert_one_line_error(full)
+    assert 'Writing a checkpoint into' in message and 'No space left on device' in message
+    assert 'the newest is step 20' in message
+    assert _steps(disk / 'run') == [20]
+    freed = tmp_path / 'freed'  # The user makes room: here, the workdir moves to a disk with space.
+    shutil.copytree(disk / 'run', freed)
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)
+  result = run_main(freed, *_flags(data_dir, *EVERY_20))
+  assert 'Resumed from the checkpoint of step 20' in result.stderr
+  _assert_same_final_params(freed, reference)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_and_never_replaces_finite_checkpoints(tmp_path, data_dir):
+  """The loss is logged every 20 steps but checkpoints come every 5: each checkpoint is checked finite at its
+  own step, so the NaN ones of a diverging run are never written and the finite ones are never rotated out."""
+  workdir = tmp_path / 'diverged'
+  result = run_main(workdir, *_flags(data_dir, '--config.lr=1e3', '--config.checkpoint_every_steps=5'),
+                    check=False)
+  message = _assert_one_line_error(result)
+  match = re.search(r'Training diverged: .* at step (\d+)\. Nothing non-finite was saved: (.*)', message)
+  assert match, message
+  assert 'gradient clipping is already on (global norm 1.0): lower the learning rate (now 1000.0)' in message
+  steps = _steps(workdir)
+  assert steps and steps[-1] < int(match[1]) and f'step {steps[-1]} in' in match[2]
+  for step in steps:
+    params, _ = checkpoints.restore_params(str(workdir), step, ema=False)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)), step
+
+
+@pytest.mark.slow
+def test_bad_input_fails_in_one_line_before_any_work(tmp_path, data_dir):
+  start = time.perf_counter()
+  bad = run_main(tmp_path / 'a', *_flags(f'{tmp_path}/untouched', '--config.lr=-1e-3', '--config.warmup_steps=60',
+                                         '--config.weight_decay=-1'), check=False)
+  seconds = time.perf_counter() - start
+  message = _assert_one_line_error(bad)
+  for part in ('config.lr=-0.001', 'warmup_steps=60 is not below the 60 training steps',
+               'weight_decay=-1.0 must not be negative'):
+    assert part in bad.stderr, part
+  assert message.startswith('Invalid config')
+  assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'untouched')
+  assert seconds < 60, seconds  # Before TensorFlow, datasets and compilation (generous for a loaded CI host).
+  unknown = run_main(tmp_path / 'b', *_flags(data_dir, '--config.dataset=no_such_dataset'), check=False)
+  assert 'Unknown dataset' in _assert_one_line_error(unknown)
+  assert len(unknown.stderr.splitlines()) < 40  # Not tfds' catalogue of every dataset it knows.
+  verbose = run_main(tmp_path / 'c', *_flags(data_dir, '--config.lr=-1e-3'), '--verbose', check=False)
+  assert 'Traceback' in verbose.stderr and 'ConfigError' in verbose.stderr
+
+
+@pytest.mark.slow
+def test_pretrained_weights_holding_nan_are_refused_at_load_naming_the_array(tmp_path, reference, data_dir):
+  params, _ = checkpoints.restore_params(str(reference), STEPS)
+  scale = np.array(params['Transformer']['encoder_norm']['scale'])
+  scale[3] = np.nan
+  params['Transformer']['encoder_norm']['scale'] = scale
+  npz = tmp_path / 'nan.npz'
+  checkpoints.save_npz(params, str(npz))
+  assert os.stat(npz).st_mode & 0o777 == 0o666 & ~_umask()  # Normal permissions, not mkstemp's 0600.
+  result = run_main(tmp_path / 'ft', *_flags(data_dir, f'--config.init_from={npz}'), check=False)
+  message = _assert_one_line_error(result)
+  assert 'holds non-finite values (NaN or inf) in 1 array(s): Transformer/encoder_norm/scale' in message
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_the_workdir_lock_names_its_holder_and_is_free_once_released(tmp_path):
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    with pytest.raises(errors.WorkdirError, match=rf'in use by another run \(pid {os.getpid()} on host'):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    assert json.load(open(tmp_path / workdir_lock.LOCK_FILE))['pid'] == os.getpid()
