@@ -165,7 +165,7 @@ def test_fine_tuning_at_higher_resolution_from_a_workdir_and_from_an_npz(tmp_pat
   common = ('--config=configs/digits.py', '--config.model.num_layers=1', f'--config.data_dir={data_dir}',
             '--config.model.classifier=token')
   pretrain = tmp_path / 'pretrain'
-  run_main(pretrain, *common, '--config.total_steps=60', '--config.warmup_steps=20')
+  run_main(pretrain, *common, '--config.total_steps=60', '--config.warmup_steps=59')
   npz = tmp_path / 'pretrained.npz'
   subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={pretrain}', f'--out={npz}'], cwd=ROOT,
                  check=True, capture_output=True, timeout=300)

@@ -1,26 +1,16 @@
-"""The main job end to end, as a user runs it: train, evaluate, checkpoint, resume after a kill, clear errors."""
+"""The main job end to end, as a user runs it: train, evaluate, checkpoint, resume, clear errors. (Kills, damaged
+checkpoints and other faults: test_faults.py.)"""
 import glob
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
-import jax
-import numpy as np
 import pytest
 
-from conftest import ROOT, run_main
-from vit_jax import checkpoints
+from conftest import run_main
 
 TINY = ('--config=configs/digits.py', '--config.model.num_layers=2', '--config.model.hidden_size=64',
         '--config.model.mlp_dim=128', '--config.batch_size=32', '--config.eval_batch_size=71',
         '--config.warmup_steps=10')
-
-
-def _restore_params(workdir, step):
-  return checkpoints.restore_params(str(workdir), step, ema=False)[0]
 
 
 @pytest.mark.slow
@@ -54,32 +44,6 @@ def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, da
                      '--config.lr=0.001', check=False)
   assert changed.returncode != 0 and 'lr: 0.002 -> 0.001' in changed.stderr, changed.stderr[-3000:]
   assert 'Give a new --workdir' in changed.stderr
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
-  flags = (*TINY, f'--config.data_dir={data_dir}', '--config.total_steps=60', '--config.checkpoint_every_steps=20',
-           '--config.log_every_steps=20', '--config.eval_every_steps=1000')
-  run_main(tmp_path / 'straight', *flags)
-
-  # Kill -9 the second run as soon as its first checkpoint is complete (orbax renames it into place).
-  killed = tmp_path / 'killed'
-  process = subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={killed}', *flags], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not os.path.isdir(killed / 'checkpoints' / '20') and time.time() < deadline:
-    assert process.poll() is None, 'the run ended before it could be killed'
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  kept = sorted(int(p) for p in os.listdir(killed / 'checkpoints') if p.isdigit())
-  assert kept and kept[-1] < 60, kept  # Killed mid-run.
-
-  resumed = run_main(killed, *flags)
-  assert f'Resumed from the checkpoint of step {kept[-1]}' in resumed.stderr
-  straight_params, resumed_params = _restore_params(tmp_path / 'straight', 60), _restore_params(killed, 60)
-  for a, b in zip(jax.tree.leaves(straight_params), jax.tree.leaves(resumed_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow

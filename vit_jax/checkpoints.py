@@ -152,7 +152,8 @@ def array_checksums(tree: Any, out_sharding=None) -> Dict[str, List[int]]:
   `out_sharding`: a replicated sharding of their mesh, so that every process can read the sums."""
   named = jax.tree_util.tree_flatten_with_path(tree)[0]
   fingerprint = _fingerprint_fn(out_sharding)
-  sums = jax.device_get([fingerprint(x) for _, x in named])
+  # One at a time: several small collective programs in flight at once deadlocked two CPU processes (gloo).
+  sums = [jax.device_get(fingerprint(x)) for _, x in named]
   return {_path_name(path): [int(v) for v in np.asarray(s)] for (path, _), s in zip(named, sums)}
 
 
