@@ -6,8 +6,9 @@
 #   launch/local_multiprocess.sh -n 2 -- --config configs/digits.py --workdir /tmp/vit_2proc
 #
 # Each process logs to LOG_DIR/process_<i>.log (default: the current directory); the script exits
-# non-zero when any process fails, after printing the end of that process's log. PYTHON picks the
-# interpreter (default: python3).
+# non-zero when any process fails, after printing the end of that process's log, and with 75 when the run
+# was preempted (a SIGTERM to this script or to any process: each saved a checkpoint; rerun to resume).
+# PYTHON picks the interpreter (default: python3).
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 
@@ -46,13 +47,30 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=($!)
 done
 
+# A SIGTERM to the launcher (a scheduler stopping the job) reaches every process: each saves and stops.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
+
 status=0
+preempted=0
 for ((i = 0; i < num_processes; i++)); do
-  if ! wait "${pids[i]}"; then
-    echo "process ${i} failed; end of ${log_dir}/process_${i}.log:" >&2
+  code=0
+  while true; do
+    wait "${pids[i]}" && code=0 || code=$?
+    # wait returns early (status > 128) when the trap runs; the process itself is still going.
+    if kill -0 "${pids[i]}" 2>/dev/null; then continue; fi
+    break
+  done
+  if [[ ${code} -eq 75 ]]; then
+    preempted=1
+  elif [[ ${code} -ne 0 ]]; then
+    echo "process ${i} failed (exit ${code}); end of ${log_dir}/process_${i}.log:" >&2
     tail -n 30 "${log_dir}/process_${i}.log" >&2
     status=1
   fi
 done
+if [[ ${status} -eq 0 && ${preempted} -eq 1 ]]; then
+  echo "preempted: every process saved a checkpoint and stopped; rerun the same command to resume" >&2
+  exit 75
+fi
 [[ ${status} -eq 0 ]] && echo "all ${num_processes} processes finished; logs in ${log_dir}/process_*.log"
 exit "${status}"

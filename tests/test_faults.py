@@ -226,6 +226,26 @@ def test_kill_9_during_saves_at_random_moments_loses_nothing(reference, tmp_path
   _assert_same_final_params(workdir, reference)
 
 
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_of_the_current_step_and_the_rerun_ends_where_an_uninterrupted_run_does(
+    reference, tmp_path, data_dir):
+  workdir = tmp_path / 'preempted'
+  process = _start(workdir, _flags(data_dir, *EVERY_20))
+  # Once the run holds its workdir it watches for the signal; sent now, it lands before or during compilation
+  # (later, the 60 tiny steps could be over before it arrives).
+  lock_file = workdir / workdir_lock.LOCK_FILE
+  _wait_for(lambda: os.path.exists(lock_file) and os.path.getsize(lock_file) > 0, process)
+  process.send_signal(signal.SIGTERM)
+  stderr = process.communicate(timeout=120)[1]
+  assert process.returncode == errors.PREEMPTED_EXIT_STATUS, stderr[-3000:]
+  match = re.search(r'Stopped by SIGTERM \(preemption\) at step (\d+) of 60, after saving its checkpoint', stderr)
+  assert match, stderr[-3000:]
+  assert int(match[1]) in _steps(workdir) and 'Traceback' not in stderr
+  result = run_main(workdir, *_flags(data_dir, *EVERY_20))
+  assert f'Resumed from the checkpoint of step {match[1]}' in result.stderr
+  _assert_same_final_params(workdir, reference)
+
+
 def _mount_small_disk(path, size):
   """A tmpfs of `size` at `path` (needs root, as in CI); False where mounting is not allowed."""
   os.makedirs(path, exist_ok=True)

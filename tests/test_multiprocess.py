@@ -1,14 +1,20 @@
 """Real multi-process runs on one machine: two OS processes joined by jax.distributed (127.0.0.1 coordinator,
 gloo collectives between their CPU devices), launched by launch/local_multiprocess.sh as a user would."""
 import glob
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import ROOT
+from vit_jax import checkpoints
 
 LAUNCH = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
 # 2 processes x 2 devices = a data=2 x fsdp=2 mesh: the kernels are split across devices of one process and
@@ -19,12 +25,19 @@ FLAGS = ('--config=configs/digits.py', '--config.model.num_layers=2', '--config.
          '--config.warmup_steps=2')
 
 
+def _launcher(log_dir, workdir, data_dir, total_steps):
+  return [LAUNCH, '-n', '2', '-d', '2', '-l', str(log_dir), '--', *FLAGS, f'--workdir={workdir}',
+          f'--config.data_dir={data_dir}', f'--config.total_steps={total_steps}']
+
+
+def _logs(log_dir):
+  return [open(os.path.join(log_dir, f'process_{i}.log')).read() for i in range(2)]
+
+
 def _launch(log_dir, workdir, data_dir, total_steps):
-  result = subprocess.run(
-      [LAUNCH, '-n', '2', '-d', '2', '-l', str(log_dir), '--', *FLAGS, f'--workdir={workdir}',
-       f'--config.data_dir={data_dir}', f'--config.total_steps={total_steps}'],
-      cwd=ROOT, env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True, timeout=600)
-  logs = [open(os.path.join(log_dir, f'process_{i}.log')).read() for i in range(2)]
+  result = subprocess.run(_launcher(log_dir, workdir, data_dir, total_steps), cwd=ROOT,
+                          env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True, timeout=600)
+  logs = _logs(log_dir)
   assert result.returncode == 0, result.stderr[-3000:] + logs[0][-3000:] + logs[1][-3000:]
   return logs
 
@@ -37,23 +50,46 @@ def _final(log):
 
 
 @pytest.mark.slow
-def test_two_processes_train_agree_and_a_second_pair_resumes_their_checkpoint(tmp_path, data_dir):
-  workdir = tmp_path / 'run'
-  first = _launch(tmp_path / 'logs_first', workdir, data_dir, total_steps=6)
-  for i, log in enumerate(first):
+def test_two_processes_train_agree_stop_together_on_sigterm_and_resume_to_the_same_parameters(tmp_path, data_dir):
+  reference = tmp_path / 'reference'
+  straight = _launch(tmp_path / 'logs_reference', reference, data_dir, total_steps=9)
+  for i, log in enumerate(straight):
     assert f'Process {i} of 2; 2 local devices of 4.' in log
-  assert "mesh {'data': 2, 'fsdp': 2}, 2 processes" in first[0]
-  assert _final(first[0]) == _final(first[1])  # Same loss and accuracy, computed by each process.
+  assert "mesh {'data': 2, 'fsdp': 2}, 2 processes" in straight[0]
+  assert _final(straight[0]) == _final(straight[1])  # Same loss and accuracy, computed by each process.
   # Only process 0 reports progress and writes summaries.
-  assert 'step 6/6' in first[0] and 'step 6/6' not in first[1]
-  assert len(glob.glob(str(workdir / 'events.out.tfevents.*'))) == 1
-  assert sorted(p for p in os.listdir(workdir / 'checkpoints') if p.isdigit()) == ['3', '6']
+  assert 'step 9/9' in straight[0] and 'step 9/9' not in straight[1]
+  assert len(glob.glob(str(reference / 'events.out.tfevents.*'))) == 1
+  assert sorted(int(p) for p in os.listdir(reference / 'checkpoints') if p.isdigit()) == [3, 6, 9]
 
-  second = _launch(tmp_path / 'logs_second', workdir, data_dir, total_steps=9)
-  for log in second:
-    assert 'Resumed from the checkpoint of step 6' in log
-    assert 'after 9 steps' in log
-  assert _final(second[0]) == _final(second[1])
+  # SIGTERM to process 1 alone, once both have joined (process 0 then holds the workdir's lock): JAX's
+  # preemption service tells process 0, and both save the same step and stop.
+  workdir = tmp_path / 'preempted'
+  launcher = subprocess.Popen(_launcher(tmp_path / 'logs_preempted', workdir, data_dir, 9), cwd=ROOT,
+                              env={**os.environ, 'PYTHON': sys.executable}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (os.path.exists(workdir / 'lock') and os.path.getsize(workdir / 'lock')):
+    assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[1][-3000:]
+    time.sleep(0.05)
+  worker = subprocess.run(['pgrep', '-f', '--', f'--process_id=1 .*--workdir={workdir}'], capture_output=True,
+                          text=True)
+  os.kill(int(worker.stdout.split()[0]), signal.SIGTERM)
+  stdout, stderr = launcher.communicate(timeout=300)
+  logs = _logs(tmp_path / 'logs_preempted')
+  assert launcher.returncode == 75 and 'rerun the same command to resume' in stderr, stderr + logs[0][-3000:]
+  stops = [re.search(r'Stopped by SIGTERM \(preemption\) at step (\d+) of 9', log) for log in logs]
+  assert all(stops), logs[0][-3000:] + logs[1][-3000:]
+  assert stops[0][1] == stops[1][1]  # The same step on both.
+  step = int(stops[0][1])
+  assert step in [int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit()]
+
+  resumed = _launch(tmp_path / 'logs_resumed', workdir, data_dir, total_steps=9)
+  for log in resumed:
+    assert f'Resumed from the checkpoint of step {step}' in log and 'after 9 steps' in log
+  for a, b in zip(jax.tree.leaves(checkpoints.restore_params(str(workdir), 9, ema=False)[0]),
+                  jax.tree.leaves(checkpoints.restore_params(str(reference), 9, ema=False)[0])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
@@ -67,3 +103,44 @@ def test_launch_scripts_parse_and_explain_themselves():
   # Without the main job's flags the local launcher refuses, saying what is missing.
   missing = subprocess.run(['bash', LAUNCH, '-n', '2'], capture_output=True, text=True, timeout=30)
   assert missing.returncode == 2 and "give the main job's flags after --" in missing.stderr
+
+
+FAKE_SRUN = r'''#!{python}
+"""srun, as far as process setup goes: one task per GPU of one node, each with the environment SLURM gives
+it (its GPUs limited to one under --gpus-per-task=1). Instead of the job's command, each task reports the
+local device ids JAX's SLURM detection would use and the GPUs the task can see."""
+import json, os, subprocess, sys
+options = [a for a in sys.argv[1:] if a.startswith('--')]
+gpus = int(os.environ['SLURM_GPUS_ON_NODE'])
+probe = ('import json, os; from jax._src import clusters; '
+         'ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, None)[3]; '
+         'print(json.dumps({{"local_device_ids": list(ids), '
+         '"visible": os.environ["CUDA_VISIBLE_DEVICES"].split(",")}}))')
+for task in range(gpus):
+  env = dict(os.environ, SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NTASKS=str(gpus),
+             SLURM_STEP_NODELIST='node001', JAX_PLATFORMS='cpu',
+             CUDA_VISIBLE_DEVICES=str(task) if '--gpus-per-task=1' in options else
+             ','.join(str(g) for g in range(gpus)))
+  subprocess.run([sys.executable, '-c', probe], env=env, check=True)
+'''
+
+
+def test_slurm_script_gives_every_task_the_gpu_jax_will_ask_for(tmp_path):
+  """JAX's SLURM detection makes task i of a node use local device i: every task must see all the node's
+  GPUs (with --gpus-per-task=1 task 3 would see one GPU and ask for ordinal 3)."""
+  bin_dir, venv = tmp_path / 'bin', tmp_path / 'venv'
+  bin_dir.mkdir()
+  (venv / 'bin').mkdir(parents=True)
+  (venv / 'bin' / 'activate').write_text('')
+  srun = bin_dir / 'srun'
+  srun.write_text(FAKE_SRUN.format(python=sys.executable))
+  srun.chmod(0o755)
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'VENV': str(venv), 'SLURM_JOB_ID': '4242',
+         'SLURM_GPUS_ON_NODE': '4'}
+  result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch'), 'configs/default.py',
+                           str(tmp_path / 'run')], env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  tasks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert len(tasks) == 4
+  for task in tasks:
+    assert all(0 <= i < len(task['visible']) for i in task['local_device_ids']), task

@@ -1,6 +1,6 @@
 """Errors a user can fix (config, data, checkpoint, workdir, devices), and how the command-line tools report
-them: one short message and exit status 2, with the traceback only on request. Anything else is a bug and
-keeps its full traceback.
+them: one short message and exit status 2, with the traceback only on request. A preempted run exits with
+status 75 (rerun to resume). Anything else is a bug and keeps its full traceback.
 
 No heavy imports here: `config_lib` and the models use it before JAX or TensorFlow start.
 """
@@ -39,6 +39,13 @@ class TrainingDiverged(UserError, FloatingPointError):
   """The loss or the parameters stopped being finite."""
 
 
+PREEMPTED_EXIT_STATUS = 75  # sysexits.h EX_TEMPFAIL: try again. Launchers rerun the job on it.
+
+
+class Preempted(Exception):
+  """The run was told to stop (SIGTERM), saved a checkpoint of its step and stopped; a rerun resumes."""
+
+
 def show_tracebacks() -> bool:
   """Whether the user asked for tracebacks (--verbose, or the environment variable)."""
   verbose = 'verbose' in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.verbose
@@ -71,6 +78,10 @@ def run(main) -> None:
   def main_reporting_user_errors(argv):
     try:
       return main(argv)
+    except Preempted as e:
+      sys.stderr.write(f'{e}\n')
+      sys.stderr.flush()
+      sys.exit(PREEMPTED_EXIT_STATUS)
     except UserError as e:
       if show_tracebacks():
         raise

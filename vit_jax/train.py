@@ -26,6 +26,7 @@ from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import models
 from vit_jax import objectives
+from vit_jax import preemption
 from vit_jax import sharding
 from vit_jax import workdir_lock
 
@@ -305,8 +306,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, adopt
   `fallback_to_intact_checkpoint`: False refuses to resume when the newest checkpoint is damaged, instead of
   setting it aside and resuming from the newest intact one."""
   config_lib.validate(config)
-  with _workdir_lock(workdir):
-    return _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint)
+  # Watched from here: a SIGTERM during setup or compilation stops the run at its first step, saved.
+  preemption_watch = preemption.Watch()
+  try:
+    with _workdir_lock(workdir):
+      return _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint, preemption_watch)
+  finally:
+    preemption_watch.close()
 
 
 @contextlib.contextmanager
@@ -336,7 +342,7 @@ def _workdir_lock(workdir: str):
       lock.release()
 
 
-def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint):
+def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint, preemption_watch):
   # TensorFlow (tf.data, summaries) is imported only here: the steps above run without it (benchmarks, and
   # processes that use PyTorch, whose triton crashes when loaded after TensorFlow).
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -390,11 +396,18 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
         logger.train_metrics(step, summary)
         if not np.isfinite(summary['loss']):
           raise divergence_error(f'the mean training loss is {summary["loss"]}', step, config, manager)
-      if step % config.checkpoint_every_steps == 0 or step == num_steps:
+      preempted = preemption_watch.reached(step)
+      if step % config.checkpoint_every_steps == 0 or step == num_steps or preempted:
         # Checked at this very step: a diverging run never replaces finite checkpoints by non-finite ones.
         if not bool(all_finite((metrics['loss'], state.params))):
           raise divergence_error('the loss or parameters are not finite', step, config, manager)
         checkpoints.save_train_state(manager, step, state, sharding.replicated(mesh))
+      if preempted:
+        checkpoints.finish_saving(manager)
+        raise errors.Preempted(
+            f'Stopped by SIGTERM (preemption) at step {step} of {num_steps}, after saving its checkpoint in '
+            f'{manager.directory}. Rerun the same command to resume from it (exit status '
+            f'{errors.PREEMPTED_EXIT_STATUS} says so to launchers).')
       if step % config.eval_every_steps == 0 and step != num_steps:
         evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, step)
         logger.restart_clock(step)
