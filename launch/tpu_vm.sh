@@ -10,11 +10,15 @@
 #   RUNTIME_VERSION  TPU VM software (default tpu-ubuntu2204-base)
 #   REPO             git URL to install from (default: this checkout's origin)
 #   SKIP_CREATE=1    reuse an existing slice NAME
-# The job runs under nohup on each worker; logs: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
-#   --command 'tail -f ~/vit_jax.log'. Delete the slice when done: gcloud compute tpus tpu-vm delete NAME.
+#   SPOT=1           create a spot slice (cheaper; reclaimed at any time)
+# The job runs under nohup on each worker and reruns itself when preempted (exit 75: SIGTERM, a checkpoint of
+# that step saved); it resumes from the workdir. A reclaimed spot slice takes the job with it: run this script
+# again with the same NAME and WORKDIR (SKIP_CREATE=1 if the slice still exists) and it resumes.
+# Logs: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f ~/vit_jax.log'.
+# Delete the slice when done: gcloud compute tpus tpu-vm delete NAME.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 if [[ $# -lt 5 ]]; then usage >&2; exit 2; fi
 
@@ -31,8 +35,10 @@ if [[ "${workdir}" != gs://* ]]; then
 fi
 
 if [[ "${SKIP_CREATE:-0}" != "1" ]]; then
+  spot=()
+  [[ "${SPOT:-0}" == "1" ]] && spot=(--spot)
   gcloud compute tpus tpu-vm create "${name}" --zone="${zone}" --accelerator-type="${accelerator_type}" \
-    --version="${runtime_version}"
+    --version="${runtime_version}" ${spot[@]+"${spot[@]}"}
 fi
 
 # Quote the user's flags once, for the remote shell.
@@ -41,7 +47,8 @@ gcloud compute tpus tpu-vm ssh "${name}" --zone="${zone}" --worker=all --command
   set -e
   [ -d vit_jax_src ] || git clone '${repo}' vit_jax_src
   cd vit_jax_src && git pull --ff-only
-  pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  nohup python -m vit_jax.main${main_flags} > ~/vit_jax.log 2>&1 &
+  python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+  nohup bash -c 'until python3 -m vit_jax.main${main_flags}; do [ \$? -eq 75 ] || exit 1; done' \
+    > ~/vit_jax.log 2>&1 &
 "
 echo "started on every worker of ${name}; progress: worker 0's ~/vit_jax.log, TensorBoard: ${workdir}"

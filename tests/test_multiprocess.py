@@ -144,3 +144,51 @@ def test_slurm_script_gives_every_task_the_gpu_jax_will_ask_for(tmp_path):
   assert len(tasks) == 4
   for task in tasks:
     assert all(0 <= i < len(task['visible']) for i in task['local_device_ids']), task
+
+
+FAKE_GCLOUD = r'''#!/usr/bin/env bash
+# gcloud, as far as tpu_vm.sh uses it: records each call; `ssh --command CMD` runs CMD here, as one worker.
+echo "gcloud $*" >> "$CALLS"
+for arg in "$@"; do
+  if [[ "$take" == 1 ]]; then command="$arg"; take=0; fi
+  [[ "$arg" == --command ]] && take=1
+  [[ "$arg" == --command=* ]] && command="${arg#--command=}"
+done
+if [[ -n "${command:-}" ]]; then cd "$HOME" && bash -c "$command"; fi
+'''
+
+FAKE_PYTHON3 = r'''#!/usr/bin/env bash
+# python3 on a worker: pip succeeds; the main job is preempted (exit 75) on its first run, then finishes.
+echo "python3 $*" >> "$CALLS"
+if [[ "$*" == *vit_jax.main* ]]; then
+  runs=$(grep -c '^python3 .*vit_jax.main' "$CALLS")
+  [[ "$runs" -eq 1 ]] && exit 75
+  echo finished >> "$CALLS"
+fi
+exit 0
+'''
+
+
+def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path):
+  bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
+  bin_dir.mkdir()
+  (home / 'vit_jax_src' / '.git').mkdir(parents=True)
+  for name, text in (('gcloud', FAKE_GCLOUD), ('python3', FAKE_PYTHON3), ('git', '#!/usr/bin/env bash\nexit 0\n')):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  calls = tmp_path / 'calls'
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'HOME': str(home), 'CALLS': str(calls),
+         'REPO': 'https://example.com/vit_jax.git', 'SPOT': '1'}
+  result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit-l16', 'us-central2-b', 'v4-64',
+                           'configs/vit_l16.py', 'gs://bucket/vit_l16', '--config.lr=0.0004'], env=env,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  deadline = time.time() + 30  # The job runs under nohup: wait for its loop to end.
+  while 'finished' not in calls.read_text() and time.time() < deadline:
+    time.sleep(0.1)
+  lines = calls.read_text().splitlines()
+  assert any(line.startswith('gcloud compute tpus tpu-vm create vit-l16') and '--spot' in line for line in lines)
+  runs = [line for line in lines if line.startswith('python3 -m vit_jax.main')]
+  assert len(runs) == 2 and lines[-1] == 'finished', lines  # Preempted once (75), rerun, finished.
+  assert ('--config=configs/vit_l16.py --workdir=gs://bucket/vit_l16 --distributed=yes --config.lr=0.0004'
+          in runs[0])
