@@ -91,7 +91,7 @@ def load_study(study: str, config_path: str, extra: dict = None):
       raise errors.ConfigError(f'Row {label!r} of study {study!r}: {e}') from None
     if config.cpu_devices != base.cpu_devices:
       raise errors.ConfigError(f'Row {label!r} of study {study!r} sets cpu_devices, which is set once per process: '
-                       'set it for the whole study with --set=cpu_devices=N.')
+                               'set it for the whole study with --set=cpu_devices=N.')
   return base, table
 
 
@@ -178,7 +178,7 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
   unknown = set(rows or ()) - {slug(label) for label in table}
   if unknown:
     raise errors.ConfigError(f'Unknown rows {sorted(unknown)} in study {study!r}; it has '
-                     f'{[slug(label) for label in table]}.')
+                             f'{[slug(label) for label in table]}.')
   results = []
   for label, row in table.items():
     for seed in seeds:

@@ -129,8 +129,8 @@ def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
   config = config_lib.load_workdir_config(workdir)
   if config.get('objective', 'classification') != 'classification' or config.model.name.startswith('BiT-'):
     raise errors.WorkdirError(f'{workdir} holds a {config.model.name} run with objective '
-                     f'{config.get("objective", "classification")!r}: the figures are of ViT classifiers '
-                     f'(fine-tune it first, or pick a classification run).')
+                              f'{config.get("objective", "classification")!r}: the figures are of ViT classifiers '
+                              f'(fine-tune it first, or pick a classification run).')
   params, step = checkpoints.restore_params(workdir, step)
   model = models.from_config(config, params['head']['kernel'].shape[-1])
   images, labels = load_test_images(config, num_images)

@@ -78,7 +78,7 @@ def _get_resnet(match, num_classes: int, overrides: dict) -> resnet.ResNet:
   layers = overrides.get('resnet_layers') or resnet.DEPTHS.get(int(match['depth']))
   if layers is None:
     raise errors.ConfigError(f'Unknown ResNet depth in {match[0]!r}: known depths {sorted(resnet.DEPTHS)}, or set '
-                     f'resnet_layers (units per stage).')
+                             f'resnet_layers (units per stage).')
   return resnet.ResNet(num_classes=num_classes, num_layers=tuple(layers),
                        width_factor=overrides.get('resnet_width') or int(match['width']),
                        dtype=overrides.get('dtype', jnp.float32))
@@ -96,7 +96,7 @@ def get_model(name: str, num_classes: int, **overrides) -> nn.Module:
   unknown = set(kwargs) - field_names
   if unknown:
     raise errors.ConfigError(f'Unknown model options {sorted(unknown)}; VisionTransformer takes '
-                     f'{sorted(field_names - {"parent", "name"})}.')
+                             f'{sorted(field_names - {"parent", "name"})}.')
   return VisionTransformer(num_classes=num_classes, **kwargs)
 
 
@@ -425,7 +425,7 @@ class VisionTransformer(nn.Module):
       if self.resnet_layers is not None or self.conv_stem:
         # A stem's receptive field crosses patch borders: neighbouring tokens would see the masked pixels.
         raise errors.ConfigError('Masked patch prediction needs image patches as tokens: use a ViT without a stem '
-                         '(no resnet_layers, no conv_stem), e.g. configs/vit_mu7.py.')
+                                 '(no resnet_layers, no conv_stem), e.g. configs/vit_mu7.py.')
       mask_token = self.param('mask_token', nn.initializers.normal(stddev=0.02), (1, 1, dim))
       swapped = x.reshape(-1, dim)[jnp.maximum(corruption.replace_with, 0)]
       x = jnp.where(corruption.replace_with[..., None] >= 0, swapped, x)

@@ -37,12 +37,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if free:
     if fixed == 0 or devices.size % fixed:
       raise errors.ConfigError(f'The mesh {sizes} does not divide the {devices.size} devices: the fixed axes multiply '
-                       f'to {fixed}. Set --config.mesh.* so that their product divides {devices.size}.')
+                               f'to {fixed}. Set --config.mesh.* so that their product divides {devices.size}.')
     sizes[free[0]] = devices.size // fixed
   if int(np.prod(list(sizes.values()))) != devices.size:
     raise errors.ConfigError(f'The mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but there are '
-                     f'{devices.size}: set --config.mesh.data=-1 to use every device, or sizes that multiply '
-                     f'to {devices.size}.')
+                             f'{devices.size}: set --config.mesh.data=-1 to use every device, or sizes that multiply '
+                             f'to {devices.size}.')
   return Mesh(devices.reshape([sizes[name] for name in MESH_AXES]), MESH_AXES)
 
 
@@ -62,7 +62,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, accum_steps: int = 1, field: s
         f'{max(1, batch_size // shards) * shards}).')
   if accum_steps < 1 or batch_size % accum_steps:
     raise errors.ConfigError(f'config.accum_steps={accum_steps} does not divide the batch size {batch_size}: use a '
-                     f'divisor of it, e.g. {max(d for d in range(1, 9) if batch_size % d == 0)}.')
+                             f'divisor of it, e.g. {max(d for d in range(1, 9) if batch_size % d == 0)}.')
   if (batch_size // accum_steps) % shards:
     raise errors.ConfigError(
         f'The micro-batch {batch_size // accum_steps} (batch {batch_size} / accum_steps {accum_steps}) is not '
