@@ -9,6 +9,7 @@ import collections
 from typing import Any, Dict, Iterator, Tuple
 
 import jax
+from jax.experimental import mesh_utils
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -23,7 +24,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   """A 2-D (data, fsdp) mesh over every device of every process; -1 takes the devices left over.
 
   The fsdp axis is innermost, so parameter shards are gathered between neighbouring devices (within a host
-  where the fsdp size allows it); the data axis spans hosts.
+  where the fsdp size allows it); the data axis spans hosts, and slices (`device_grid`).
   """
   devices = np.asarray(jax.devices() if devices is None else devices)
   sizes = {name: int(mesh_config.get(name, 1)) for name in MESH_AXES}
@@ -43,7 +44,24 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     raise errors.ConfigError(f'The mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but there are '
                              f'{devices.size}: set --config.mesh.data=-1 to use every device, or sizes that multiply '
                              f'to {devices.size}.')
-  return Mesh(devices.reshape([sizes[name] for name in MESH_AXES]), MESH_AXES)
+  return Mesh(device_grid([sizes[name] for name in MESH_AXES], list(devices.flat)), MESH_AXES)
+
+
+def device_grid(shape, devices) -> np.ndarray:
+  """`devices` arranged in a (data, fsdp) grid that follows the interconnect: on TPU, `mesh_utils` maps the
+  axes onto the physical torus, so an fsdp group is a ring of neighbouring chips; over several slices
+  (multi-slice, joined by the slower data-centre network) the data axis runs across slices and everything else
+  stays within one, so that only the gradient all-reduce crosses the network. CPUs and GPUs keep their order.
+  """
+  slices = sorted({getattr(device, 'slice_index', 0) for device in devices})
+  if len(slices) > 1:
+    if shape[0] % len(slices):
+      raise errors.ConfigError(
+          f'The devices span {len(slices)} slices, but the data axis ({shape[0]}) is not a multiple of that: '
+          f'only the data axis may cross slices. Set --config.mesh.fsdp so that the data axis is.')
+    return mesh_utils.create_hybrid_device_mesh((shape[0] // len(slices), *shape[1:]), (len(slices), 1), devices,
+                                                allow_split_physical_axes=True)
+  return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def num_batch_shards(mesh: Mesh) -> int:
