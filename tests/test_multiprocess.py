@@ -93,6 +93,37 @@ def test_two_processes_train_agree_stop_together_on_sigterm_and_resume_to_the_sa
 
 
 @pytest.mark.slow
+def test_when_a_worker_dies_the_coordinator_names_it_and_stops_at_once(tmp_path, data_dir):
+  """kill -9 of process 1 mid-run: process 0 (waiting in a collective, or failing one) notices within a
+  second that process 1's pid is gone (same host), says so and exits 3; without the watch it waited out the
+  heartbeat timeout (76 s) and JAX aborted it. (Process 0 dying ends process 1 at once, by JAX itself:
+  see peers.py.)"""
+  workdir = tmp_path / 'run'
+  flags = list(_launcher(tmp_path / 'logs', workdir, data_dir, 3000))
+  launcher = subprocess.Popen([*flags, '--config.checkpoint_every_steps=1000'], cwd=ROOT,
+                              env={**os.environ, 'PYTHON': sys.executable}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+  log_0 = tmp_path / 'logs' / 'process_0.log'
+  deadline = time.time() + 300
+  while not (log_0.exists() and 'step 3/3000' in log_0.read_text()):  # Training, past compilation.
+    assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[1][-3000:]
+    time.sleep(0.1)
+  worker = subprocess.run(['pgrep', '-f', '--', f'--process_id=1 .*--workdir={workdir}'], capture_output=True,
+                          text=True)
+  worker_pid = int(worker.stdout.split()[0])
+  os.kill(worker_pid, signal.SIGKILL)
+  killed_at = time.time()
+  stderr = launcher.communicate(timeout=300)[1]
+  seconds = time.time() - killed_at
+  log = log_0.read_text()
+  assert re.search(rf'Error: process 0 of 2 stops: process 1 \(pid {worker_pid} on host .*\) is gone', log), \
+      log[-3000:]
+  assert 'Rerun the same command on every host: the run resumes' in log
+  assert 'process 0 failed (exit 3)' in stderr, stderr
+  assert seconds < 30, seconds
+
+
+@pytest.mark.slow
 def test_launch_scripts_parse_and_explain_themselves():
   for script in ('local_multiprocess.sh', 'tpu_vm.sh', 'slurm_gpu.sbatch'):
     path = os.path.join(ROOT, 'launch', script)

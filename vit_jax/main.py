@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import host_cpu
+from vit_jax import peers
 from vit_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py.',
@@ -31,6 +32,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (with a coordinator).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index (with a coordinator).')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', 100, 'Multi-process: a process whose heartbeats stop for this long counts as '
+    'lost; the others then stop, naming it (a peer on the same host is noticed at once).')
 _ADOPT_CONFIG = flags.DEFINE_bool(
     'adopt_config', False, 'Resume checkpoints whose recorded config.json is missing or unreadable, under the '
     'config given (it becomes the record). Without it such a workdir is refused.')
@@ -56,7 +60,9 @@ def initialize_distributed() -> None:
   # Collectives between CPU devices of different processes (tests, CPU clusters); accelerators ignore it.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                             process_id=_PROCESS_ID.value)
+                             process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
+  peers.register()
+  peers.watch()
   logging.info('Process %d of %d; %d local devices of %d.', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 
@@ -72,8 +78,15 @@ def main(argv):
   host_cpu.setup(_CONFIG.value)
   initialize_distributed()
   workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
-  result = train.train_and_evaluate(_CONFIG.value, workdir, adopt_config=_ADOPT_CONFIG.value,
-                                    fallback_to_intact_checkpoint=_FALLBACK.value)
+  try:
+    result = train.train_and_evaluate(_CONFIG.value, workdir, adopt_config=_ADOPT_CONFIG.value,
+                                      fallback_to_intact_checkpoint=_FALLBACK.value)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and not isinstance(e, (errors.UserError, errors.Preempted)):
+      peers.exit_on_lost_peer(e, wait_seconds=_HEARTBEAT.value + 10)
+    peers.leaving()
+    raise
+  peers.leaving()
   if _CONFIG.value.objective == 'masked_patches':
     print(f'Final masked-patch colour accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} '
           f'corrupted patches of {_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} '
