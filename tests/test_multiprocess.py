@@ -57,8 +57,9 @@ def test_two_processes_train_agree_stop_together_on_sigterm_and_resume_to_the_sa
     assert f'Process {i} of 2; 2 local devices of 4.' in log
   assert "mesh {'data': 2, 'fsdp': 2}, 2 processes" in straight[0]
   assert _final(straight[0]) == _final(straight[1])  # Same loss and accuracy, computed by each process.
-  # Only process 0 reports progress and writes summaries.
+  # Only process 0 reports progress and evaluations, and writes summaries.
   assert 'step 9/9' in straight[0] and 'step 9/9' not in straight[1]
+  assert 'step 9: eval accuracy' in straight[0] and 'eval accuracy' not in straight[1]
   assert len(glob.glob(str(reference / 'events.out.tfevents.*'))) == 1
   assert sorted(int(p) for p in os.listdir(reference / 'checkpoints') if p.isdigit()) == [3, 6, 9]
 

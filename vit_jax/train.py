@@ -448,6 +448,7 @@ def evaluate_and_log(eval_fn: Callable, state: TrainState, dataset, mesh: Mesh, 
     ema = evaluate(eval_fn, state.ema_params, dataset, mesh)
     result.update({f'ema_{k}': v for k, v in ema.items()})
   logger.scalars(step, {f'eval/{k}': v for k, v in result.items() if k.endswith(('accuracy', 'loss'))})
-  logging.info('step %d: eval %s', step, ', '.join(
-      f'{k} {v:.4f}' for k, v in result.items() if k.endswith(('accuracy', 'loss'))))
+  if jax.process_index() == 0:  # Every process computes the same numbers; one reports them.
+    logging.info('step %d: eval %s', step, ', '.join(
+        f'{k} {v:.4f}' for k, v in result.items() if k.endswith(('accuracy', 'loss'))))
   return result
