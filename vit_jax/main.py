@@ -81,10 +81,12 @@ def main(argv):
   try:
     result = train.train_and_evaluate(_CONFIG.value, workdir, adopt_config=_ADOPT_CONFIG.value,
                                       fallback_to_intact_checkpoint=_FALLBACK.value)
+  except (errors.UserError, errors.Preempted):
+    peers.leaving()  # Every process stops the same way: none should take the others' exit for a loss.
+    raise
   except Exception as e:  # pylint: disable=broad-except
-    if jax.process_count() > 1 and not isinstance(e, (errors.UserError, errors.Preempted)):
-      peers.exit_on_lost_peer(e, wait_seconds=_HEARTBEAT.value + 10)
-    peers.leaving()
+    if jax.process_count() > 1:  # A peer lost mid-collective? Name it; else this process's own failure:
+      peers.exit_on_lost_peer(e, wait_seconds=_HEARTBEAT.value + 10)  # its peers will name it.
     raise
   peers.leaving()
   if _CONFIG.value.objective == 'masked_patches':
