@@ -142,8 +142,8 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _fingerprint_fn(out_sharding):
-  # One small program per array shape, reused by the layers that share it: one program over all arrays took
-  # ~10x longer to compile than to run (docs/faults.md).
+  # One small program per array shape, reused by the layers that share it: far cheaper to compile than one
+  # program over every array (docs/faults.md has both).
   return jax.jit(_fingerprint, out_shardings=out_sharding)
 
 
