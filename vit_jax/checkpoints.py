@@ -25,6 +25,7 @@ from absl import logging
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -239,7 +240,6 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, state_args, out
     else:
       problem = f'it cannot be read ({_short(e)})'
   if jax.process_count() > 1:  # A process that failed to read must not leave the others in a collective.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if not np.all(multihost_utils.process_allgather(np.array(problem is None))):
       problem = problem or 'another process could not read its part of it'
   if problem is None:
@@ -274,7 +274,7 @@ def restore_newest_intact(manager: ocp.CheckpointManager, state_args, workdir: s
       continue
     if failures:
       moved = _set_aside(manager, workdir, [s for s, _ in failures])
-      for (bad_step, message), where in zip(failures, moved):
+      for (_, message), where in zip(failures, moved):
         logging.warning('%s Moved to %s; resuming from step %d instead.', message, where, step)
     return state, step
   if failures:
@@ -294,7 +294,6 @@ def _set_aside(manager: ocp.CheckpointManager, workdir: str, steps: List[int]) -
     for step, target in zip(steps, moved):
       shutil.move(os.path.join(str(manager.directory), str(step)), target)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('vit_jax: corrupt checkpoints set aside')
   manager.reload()
   return moved

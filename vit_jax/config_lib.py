@@ -176,7 +176,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config[field] >= 1, f'config.{field}={config[field]} must be at least 1.')
   check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
   for field in ('b1', 'b2', 'momentum', 'label_smoothing', 'model.dropout_rate', 'model.attention_dropout_rate'):
-    value = config[field] if '.' not in field else config.model[field.split('.')[1]]
+    value = config[field]  # ConfigDict reads dotted fields ('model.dropout_rate') itself.
     check(value is not None and 0.0 <= value < 1.0, f'config.{field}={value} must be in [0, 1).')
   check(config.weight_decay is not None and config.weight_decay >= 0,
         f'config.weight_decay={config.weight_decay} must not be negative (0 turns it off).')

@@ -14,6 +14,7 @@ from absl import logging
 import flax
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -330,7 +331,6 @@ def _workdir_lock(workdir: str):
       except errors.WorkdirError as e:
         refusal = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if not multihost_utils.broadcast_one_to_all(np.array(refusal is None)):
       refusal = refusal or errors.WorkdirError(f'Process 0 could not lock {workdir}: see its log.')
   if refusal is not None:
