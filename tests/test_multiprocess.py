@@ -97,7 +97,7 @@ def test_two_processes_train_agree_stop_together_on_sigterm_and_resume_to_the_sa
 def test_when_a_worker_dies_the_coordinator_names_it_and_stops_at_once(tmp_path, data_dir):
   """kill -9 of process 1 mid-run: process 0 (waiting in a collective, or failing one) notices within a
   second that process 1's pid is gone (same host), says so and exits 3; without the watch it waited out the
-  heartbeat timeout (76 s) and JAX aborted it. (Process 0 dying ends process 1 at once, by JAX itself:
+  heartbeat timeout and JAX aborted it (docs/faults.md). (Process 0 dying ends process 1 at once, by JAX itself:
   see peers.py.)"""
   workdir = tmp_path / 'run'
   flags = list(_launcher(tmp_path / 'logs', workdir, data_dir, 3000))
