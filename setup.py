@@ -38,8 +38,8 @@ setuptools.setup(
     extras_require={
         'torch': TORCH,
         # nbclient + ipykernel: the notebooks run in the test suite; pytest-xdist: the fast loop on both cores
-        # (`-m "not slow" -n 2`).
+        # (`-m "not slow" -n 2`); a GCS emulator and the fsspec client that can reach it (gs:// workdirs).
         'test': ['pytest>=8.0', 'pytest-timeout>=2.3', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.9',
-                 'ipykernel>=6.29', *TORCH],
+                 'ipykernel>=6.29', 'gcp-storage-emulator>=2026.7', 'gcsfs>=2024.2', *TORCH],
     },
 )

@@ -11,6 +11,8 @@
 #   REPO             git URL to install from (default: this checkout's origin)
 #   SKIP_CREATE=1    reuse an existing slice NAME
 #   SPOT=1           create a spot slice (cheaper; reclaimed at any time)
+#   QUEUED=1         ask for the slice as a queued resource (waits for capacity instead of failing; the way
+#                    large and spot slices are granted); polled every POLL_SECONDS (default 60) until ACTIVE
 # The job runs under nohup on each worker and reruns itself when preempted (exit 75: SIGTERM, a checkpoint of
 # that step saved); it resumes from the workdir. A reclaimed spot slice takes the job with it: run this script
 # again with the same NAME and WORKDIR (SKIP_CREATE=1 if the slice still exists) and it resumes.
@@ -18,7 +20,7 @@
 # Delete the slice when done: gcloud compute tpus tpu-vm delete NAME.
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 if [[ $# -lt 5 ]]; then usage >&2; exit 2; fi
 
@@ -37,8 +39,23 @@ fi
 if [[ "${SKIP_CREATE:-0}" != "1" ]]; then
   spot=()
   [[ "${SPOT:-0}" == "1" ]] && spot=(--spot)
-  gcloud compute tpus tpu-vm create "${name}" --zone="${zone}" --accelerator-type="${accelerator_type}" \
-    --version="${runtime_version}" ${spot[@]+"${spot[@]}"}
+  if [[ "${QUEUED:-0}" == "1" ]]; then
+    gcloud compute tpus queued-resources create "${name}" --node-id="${name}" --zone="${zone}" \
+      --accelerator-type="${accelerator_type}" --runtime-version="${runtime_version}" ${spot[@]+"${spot[@]}"}
+    while true; do
+      state=$(gcloud compute tpus queued-resources describe "${name}" --zone="${zone}" --format='value(state.state)')
+      [[ "${state}" == ACTIVE ]] && break
+      if [[ "${state}" == FAILED || "${state}" == SUSPENDED ]]; then
+        echo "error: queued resource ${name} is ${state}: gcloud compute tpus queued-resources describe ${name}" >&2
+        exit 1
+      fi
+      echo "queued resource ${name}: ${state}; waiting for capacity" >&2
+      sleep "${POLL_SECONDS:-60}"
+    done
+  else
+    gcloud compute tpus tpu-vm create "${name}" --zone="${zone}" --accelerator-type="${accelerator_type}" \
+      --version="${runtime_version}" ${spot[@]+"${spot[@]}"}
+  fi
 fi
 
 # Quote the user's flags once, for the remote shell.

@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from conftest import run_main
+from conftest import load_config, run_main
+from vit_jax import config_lib
+from vit_jax import flops
 
 TINY = ('--config=configs/digits.py', '--config.model.num_layers=2', '--config.model.hidden_size=64',
         '--config.model.mlp_dim=128', '--config.batch_size=32', '--config.eval_batch_size=71',
@@ -18,12 +20,21 @@ def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, da
   workdir = tmp_path / 'run'
   result = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150',
                     '--config.log_every_steps=50', '--config.checkpoint_every_steps=100',
-                    '--config.eval_every_steps=100')
+                    '--config.eval_every_steps=100', '--config.profile_steps=(20, 22)')
   match = re.search(r'Final test accuracy: ([\d.]+) \((\d+)/355', result.stdout)
   assert match, result.stdout + result.stderr[-3000:]
   assert float(match[1]) > 0.5  # 10 classes: chance is 0.1.
-  assert re.search(r'step 100/150 +loss [\d.]+ +accuracy [\d.]+ +[\d.]+ steps/s +\d+ images/s +ETA 0:',
-                   result.stderr)
+  speed = re.search(r'step 100/150 +loss [\d.]+ +accuracy [\d.]+ +[\d.]+ steps/s +(\d+) images/s +([\d.e-]+) '
+                    r'TFLOP/s/device +MFU ([\d.]+)% +ETA 0:', result.stderr)
+  assert speed, result.stderr[-3000:]
+  # Model FLOP/s = images/s x 3 forward passes of XLA's count (one device here).
+  config = config_lib.override(load_config('digits.py'), {'model.num_layers': 2, 'model.hidden_size': 64,
+                                                          'model.mlp_dim': 128})
+  expected = int(speed[1]) * flops.train_flops_per_image(config, 10, 1) / 1e12
+  assert float(speed[2]) == pytest.approx(expected, rel=0.02)
+  assert 0 < float(speed[3]) < 100
+  assert glob.glob(str(workdir / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
+  assert 'Profiler trace of steps 20-22 written to' in result.stderr
   assert 'eval accuracy' in result.stderr
   steps = sorted(int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit())
   assert steps == [100, 150]
@@ -33,7 +44,7 @@ def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, da
   accumulator = event_accumulator.EventAccumulator(str(workdir))
   accumulator.Reload()
   tags = set(accumulator.Tags()['tensors'])
-  assert {'train/loss', 'train/images_per_sec', 'eval/accuracy'} <= tags
+  assert {'train/loss', 'train/images_per_sec', 'train/tflops_per_device', 'train/mfu', 'eval/accuracy'} <= tags
 
   # A second run with the same workdir resumes from the final checkpoint and only evaluates.
   again = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150')

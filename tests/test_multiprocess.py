@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_main
 from vit_jax import checkpoints
 
 LAUNCH = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
@@ -88,9 +88,16 @@ def test_two_processes_train_agree_stop_together_on_sigterm_and_resume_to_the_sa
   resumed = _launch(tmp_path / 'logs_resumed', workdir, data_dir, total_steps=9)
   for log in resumed:
     assert f'Resumed from the checkpoint of step {step}' in log and 'after 9 steps' in log
+    assert 'global example order differs' not in log
   for a, b in zip(jax.tree.leaves(checkpoints.restore_params(str(workdir), 9, ema=False)[0]),
                   jax.tree.leaves(checkpoints.restore_params(str(reference), 9, ema=False)[0])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  # Extended by one process (its 4 devices simulated): the data is sharded differently, and it says so.
+  extended = run_main(reference, *FLAGS, '--config.cpu_devices=4', f'--config.data_dir={data_dir}',
+                      '--config.total_steps=12')
+  assert ('The checkpoint of step 9 was written by 2 processes; this run has 1.' in extended.stderr and
+          'the global example order differs' in extended.stderr), extended.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -154,6 +161,7 @@ for task in range(gpus):
              CUDA_VISIBLE_DEVICES=str(task) if '--gpus-per-task=1' in options else
              ','.join(str(g) for g in range(gpus)))
   subprocess.run([sys.executable, '-c', probe], env=env, check=True)
+sys.exit(int(os.environ.get('FAKE_EXIT', '0')))  # As the job's tasks would end.
 '''
 
 
@@ -176,11 +184,26 @@ def test_slurm_script_gives_every_task_the_gpu_jax_will_ask_for(tmp_path):
   assert len(tasks) == 4
   for task in tasks:
     assert all(0 <= i < len(task['visible']) for i in task['local_device_ids']), task
+  assert not (tmp_path / 'requeued').exists()
+
+  # Preempted (the tasks exit 75): the job puts itself back in the queue and reports 75.
+  scontrol = bin_dir / 'scontrol'
+  scontrol.write_text(f'#!/usr/bin/env bash\necho "$*" > {tmp_path / "requeued"}\n')
+  scontrol.chmod(0o755)
+  preempted = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch'), 'configs/default.py',
+                              str(tmp_path / 'run')], env={**env, 'FAKE_EXIT': '75'}, capture_output=True,
+                             text=True, timeout=120)
+  assert preempted.returncode == 75 and 'requeueing job 4242' in preempted.stderr
+  assert (tmp_path / 'requeued').read_text().split() == ['requeue', '4242']
 
 
 FAKE_GCLOUD = r'''#!/usr/bin/env bash
 # gcloud, as far as tpu_vm.sh uses it: records each call; `ssh --command CMD` runs CMD here, as one worker.
 echo "gcloud $*" >> "$CALLS"
+if [[ "$*" == *"queued-resources describe"* ]]; then  # Waits for capacity once, then is granted.
+  [[ $(grep -c 'queued-resources describe' "$CALLS") -eq 1 ]] && echo WAITING_FOR_RESOURCES || echo ACTIVE
+  exit 0
+fi
 for arg in "$@"; do
   if [[ "$take" == 1 ]]; then command="$arg"; take=0; fi
   [[ "$arg" == --command ]] && take=1
@@ -201,7 +224,8 @@ exit 0
 '''
 
 
-def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path):
+@pytest.mark.parametrize('queued', [False, True])
+def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path, queued):
   bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
   bin_dir.mkdir()
   (home / 'vit_jax_src' / '.git').mkdir(parents=True)
@@ -210,7 +234,7 @@ def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path)
     (bin_dir / name).chmod(0o755)
   calls = tmp_path / 'calls'
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'HOME': str(home), 'CALLS': str(calls),
-         'REPO': 'https://example.com/vit_jax.git', 'SPOT': '1'}
+         'REPO': 'https://example.com/vit_jax.git', 'SPOT': '1', 'QUEUED': str(int(queued)), 'POLL_SECONDS': '0'}
   result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit-l16', 'us-central2-b', 'v4-64',
                            'configs/vit_l16.py', 'gs://bucket/vit_l16', '--config.lr=0.0004'], env=env,
                           capture_output=True, text=True, timeout=60)
@@ -219,7 +243,13 @@ def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path)
   while 'finished' not in calls.read_text() and time.time() < deadline:
     time.sleep(0.1)
   lines = calls.read_text().splitlines()
-  assert any(line.startswith('gcloud compute tpus tpu-vm create vit-l16') and '--spot' in line for line in lines)
+  if queued:  # Asked for as a queued resource, waited for until granted, never created directly.
+    assert any(line.startswith('gcloud compute tpus queued-resources create vit-l16 --node-id=vit-l16') and
+               '--spot' in line for line in lines)
+    assert sum('queued-resources describe vit-l16' in line for line in lines) == 2
+    assert 'waiting for capacity' in result.stderr and not any('tpu-vm create' in line for line in lines)
+  else:
+    assert any(line.startswith('gcloud compute tpus tpu-vm create vit-l16') and '--spot' in line for line in lines)
   runs = [line for line in lines if line.startswith('python3 -m vit_jax.main')]
   assert len(runs) == 2 and lines[-1] == 'finished', lines  # Preempted once (75), rerun, finished.
   assert ('--config=configs/vit_l16.py --workdir=gs://bucket/vit_l16 --distributed=yes --config.lr=0.0004'

@@ -23,6 +23,7 @@ from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import host_cpu
 from vit_jax import models
+from vit_jax import paths
 
 DEFAULT_STUDIES = os.path.join(os.path.dirname(__file__), '..', 'configs', 'ablations.py')
 
@@ -61,11 +62,10 @@ RESULT_FILE = 'ablate_result.json'
 
 def finished_result(study_dir: str, label: str, seed: int):
   """The recorded result of a finished run of this row and seed, or None."""
-  path = os.path.join(study_dir, slug(label), f'seed_{seed}', RESULT_FILE)
-  if not os.path.exists(path):
+  path = paths.join(study_dir, slug(label), f'seed_{seed}', RESULT_FILE)
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def row_config(base, row: dict, seed: int, study_dir: str):
@@ -105,8 +105,8 @@ def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
   finished = finished_result(study_dir, label, seed)
   if finished is not None:
     return finished
-  workdir = os.path.join(study_dir, slug(label), f'seed_{seed}')
-  result_path = os.path.join(workdir, RESULT_FILE)
+  workdir = paths.join(study_dir, slug(label), f'seed_{seed}')
+  result_path = paths.join(workdir, RESULT_FILE)
   config = row_config(base, row, seed, study_dir)
   start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
@@ -116,9 +116,7 @@ def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
   summary = {'label': label, 'seed': seed, 'accuracy': result['accuracy'], 'steps': result['step'],
              'wall_s': round(time.perf_counter() - start, 1), 'params': num_params,
              'objective': config.objective, **{k: row[k] for k in PLOT_KEYS if k in row}}
-  with open(result_path + '.tmp', 'w') as f:
-    json.dump(summary, f)
-  os.replace(result_path + '.tmp', result_path)
+  paths.write_text(result_path, json.dumps(summary))
   return summary
 
 
@@ -168,7 +166,8 @@ def plot_data_scale(lines: List[dict], path: str) -> None:
   axis.grid(True, alpha=0.3)
   axis.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  with paths.atomic_writer(path) as f:
+    figure.savefig(f, format='png', dpi=120)
   plt.close(figure)
 
 
@@ -184,25 +183,23 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
     for seed in seeds:
       if rows and slug(label) not in rows:
         # Not to be trained now; a finished run of it still belongs in the table.
-        finished = finished_result(os.path.join(workdir, study), label, seed)
+        finished = finished_result(paths.join(workdir, study), label, seed)
         if finished is not None:
           results.append(finished)
         continue
       logging.info('Study %s: %s, seed %d.', study, label, seed)
-      results.append(run_row(base, label, row, seed, os.path.join(workdir, study)))
+      results.append(run_row(base, label, row, seed, paths.join(workdir, study)))
       print(f'{study} | {label} | seed {seed}: test accuracy {results[-1]["accuracy"]:.4f} '
             f'({results[-1]["wall_s"]:.0f} s)', flush=True)
   lines = summarise(results)
-  os.makedirs(out, exist_ok=True)
   command = ' '.join(['python -m vit_jax.ablate', f'--study={study}', f'--seeds={",".join(map(str, seeds))}',
                       *([f'--rows={",".join(rows)}'] if rows else []),
                       *[f'--set={k}={json.dumps(v)}' for k, v in (extra or {}).items()]])
-  with open(os.path.join(out, f'{study}.json'), 'w') as f:
-    json.dump({'study': study, 'command': command, 'runs': results, 'rows': lines}, f, indent=1)
-  with open(os.path.join(out, f'{study}.md'), 'w') as f:
-    f.write(markdown_table(study, lines, command))
+  paths.write_text(paths.join(out, f'{study}.json'),
+                   json.dumps({'study': study, 'command': command, 'runs': results, 'rows': lines}, indent=1))
+  paths.write_text(paths.join(out, f'{study}.md'), markdown_table(study, lines, command))
   if all('train_size' in line for line in lines):
-    plot_data_scale(lines, os.path.join(out, f'{study}.png'))
+    plot_data_scale(lines, paths.join(out, f'{study}.png'))
   return lines
 
 

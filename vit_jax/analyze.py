@@ -11,7 +11,6 @@
 - `analysis.json`: the numbers behind the figures.
 """
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -24,6 +23,7 @@ from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import host_cpu
 from vit_jax import models
+from vit_jax import paths
 
 
 def define_flags() -> None:
@@ -54,7 +54,8 @@ def draw_attention_maps(images, rollout, path, num_drawn=8):
   axes[0, 0].set_title('input', fontsize=8, loc='left')
   axes[1, 0].set_title('attention rollout', fontsize=8, loc='left')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.atomic_writer(path) as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
 
 
@@ -70,7 +71,8 @@ def draw_position_similarity(similarity, path):
   fig.suptitle('Position embedding similarity (cosine): panel (i, j) compares patch (i, j) with all',
                fontsize=9)
   fig.colorbar(image, ax=axes, shrink=0.8)
-  fig.savefig(path, dpi=100)
+  with paths.atomic_writer(path) as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
 
 
@@ -86,7 +88,8 @@ def draw_attention_distance(distance, image_size, path):
   if heads <= 16:
     ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.atomic_writer(path) as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
 
 
@@ -104,7 +107,8 @@ def draw_embedding_filters(components, variance, path, layer='patch-embedding'):
     ax.set_title(f'{ratio:.1%}', fontsize=7)
   fig.suptitle(f'Principal components of the {layer} filters (share of variance)', fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.atomic_writer(path) as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
 
 
@@ -147,11 +151,10 @@ def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
   kernel = np.asarray(kernel)
   components, variance = analysis.embedding_filter_components(kernel, 28)
 
-  os.makedirs(out, exist_ok=True)
-  draw_attention_maps(images, rollout, os.path.join(out, 'attention_maps.png'))
-  draw_position_similarity(similarity, os.path.join(out, 'position_embedding_similarity.png'))
-  draw_attention_distance(distance, config.image_size, os.path.join(out, 'mean_attention_distance.png'))
-  draw_embedding_filters(components, variance, os.path.join(out, 'embedding_filters.png'),
+  draw_attention_maps(images, rollout, paths.join(out, 'attention_maps.png'))
+  draw_position_similarity(similarity, paths.join(out, 'position_embedding_similarity.png'))
+  draw_attention_distance(distance, config.image_size, paths.join(out, 'mean_attention_distance.png'))
+  draw_embedding_filters(components, variance, paths.join(out, 'embedding_filters.png'),
                          'patch-embedding' if filter_layer == 'embedding' else f'stem ({filter_layer})')
   # Neighbours vs far patches: how much 2-D structure the position embeddings learned.
   rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing='ij')
@@ -165,8 +168,7 @@ def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
       posemb_similarity_neighbours=float(flat[gap == 1].mean()) if np.any(gap == 1) else None,
       posemb_similarity_far=float(flat[gap >= max(grid)].mean()) if np.any(gap >= max(grid)) else None,
       filter_variance_top=np.round(variance[:8], 4).tolist())
-  with open(os.path.join(out, 'analysis.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  paths.write_text(paths.join(out, 'analysis.json'), json.dumps(summary, indent=1))
   return summary
 
 

@@ -75,18 +75,10 @@ def _time_calls(call, repeats: int, warmup: int) -> float:
 # --------------------------------------------------------------------------------------------- JAX workers
 
 
-def matmul_peak(size: int = 3072, repeats: int = 5) -> dict:
-  """FLOP/s of a large fp32 matmul under jit on the default backend: the practical peak the model is
-  measured against."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  seconds = _time_calls(lambda: matmul(a, b).block_until_ready(), repeats, warmup=2)
-  return dict(kind='matmul', backend=jax.default_backend(), size=size, seconds=seconds,
-              flops_per_s=2 * size**3 / seconds, devices=jax.device_count(),
-              device_kind=jax.devices()[0].device_kind)
+def matmul_job(job: dict) -> dict:
+  del job
+  from vit_jax import flops  # pylint: disable=g-import-not-at-top  (JAX: only in the worker that runs it)
+  return flops.matmul_peak()
 
 
 def _config(job: dict):
@@ -238,7 +230,7 @@ def timm_run(job: dict) -> dict:
   return result
 
 
-WORKERS = {'matmul': lambda job: matmul_peak(), 'jax_inference': jax_inference, 'jax_train': jax_train,
+WORKERS = {'matmul': matmul_job, 'jax_inference': jax_inference, 'jax_train': jax_train,
            'jax_compile': jax_compile, 'timm': timm_run}
 
 

@@ -14,8 +14,6 @@ a file loads by unflattening it. Scanned models (`scan=True`) are converted to t
 """
 import functools
 import logging as py_logging
-import os
-import shutil
 import sys
 import time
 import zipfile
@@ -33,6 +31,7 @@ import scipy.ndimage
 
 from vit_jax import errors
 from vit_jax import models
+from vit_jax import paths
 
 POSEMB_PATH = ('Transformer', 'posembed_input', 'pos_embedding')
 CHECKPOINT_DIR = 'checkpoints'  # Inside a workdir.
@@ -58,29 +57,18 @@ def unflatten(flat: Dict[str, np.ndarray]) -> Dict[str, Any]:
 
 
 def save_npz(params: Any, path: str) -> None:
-  """Writes `params` as a published-layout `.npz`; written to a temporary file and renamed, so a crash
-  leaves either the old file or the complete new one."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # A name of our own, opened like any file (mkstemp's would be private, 0600): permissions follow the umask.
-  tmp_path = f'{os.path.abspath(path)}.{os.getpid()}.tmp'
-  try:
-    with open(tmp_path, 'wb') as f:
-      np.savez(f, **flatten(params))
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  """Writes `params` as a published-layout `.npz`, whole or not at all (`paths.atomic_writer`)."""
+  with paths.atomic_writer(path) as f:
+    np.savez(f, **flatten(params))
 
 
 def load_npz(path: str) -> Dict[str, Any]:
   """A published-layout `.npz` -> nested numpy parameters. Every array is read (and CRC-checked) here, so a
   corrupt or truncated file fails now, naming the file, not halfway through building a model."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise CheckpointError(f'Checkpoint file {path!r} does not exist.')
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with paths.open_file(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
       flat = {key: data[key] for key in data.files}
   except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
     raise CheckpointError(f'Cannot read {path!r} as a .npz checkpoint ({type(e).__name__}: {e}); the file is '
@@ -91,12 +79,12 @@ def load_npz(path: str) -> Dict[str, Any]:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINT_DIR)
+  return paths.join(workdir, CHECKPOINT_DIR)
 
 
 def is_workdir(path: str) -> bool:
   """Whether `path` is a vit_jax.main workdir (with checkpoints), not a weights file."""
-  return os.path.isdir(checkpoint_dir(path))
+  return paths.isdir(checkpoint_dir(path))
 
 
 def train_state_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -161,7 +149,9 @@ def array_checksums(tree: Any, out_sharding=None) -> Dict[str, List[int]]:
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any, out_sharding=None) -> None:
   """Saves `state` (asynchronously) with the checksums of its arrays, in one atomic commit. A failure to
   write (this save's or the previous one's, which surfaces here) raises CheckpointError."""
-  record = {'format': 1, 'step': step, 'arrays': array_checksums(state, out_sharding)}
+  # The process count decides how the data is sharded, hence the example order a resume continues.
+  record = {'format': 1, 'step': step, 'process_count': jax.process_count(),
+            'arrays': array_checksums(state, out_sharding)}
   try:
     manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                                   INTEGRITY_ITEM: ocp.args.JsonSave(record)}))
@@ -178,7 +168,7 @@ def finish_saving(manager: ocp.CheckpointManager) -> None:
 
 
 def _write_failed(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointError:
-  steps = [step for step in manager.all_steps() if os.path.isdir(os.path.join(str(manager.directory), str(step)))]
+  steps = [step for step in manager.all_steps() if paths.isdir(paths.join(manager.directory, str(step)))]
   newest = f'step {max(steps)}' if steps else 'none: the run starts over'
   return CheckpointError(
       f'Writing a checkpoint into {manager.directory} failed ({_short(error, 600)}). Checkpoints written '
@@ -226,15 +216,16 @@ def _quiet_echoes_of_failed_io() -> None:
 
 
 def _restore_verified(manager: ocp.CheckpointManager, step: int, state_args, out_sharding=None):
-  """The state of checkpoint `step`, read and checked against its checksums; raises CheckpointError naming
+  """(state, integrity record) of checkpoint `step`, read and checked against its checksums; raises
+  CheckpointError naming
   the step and what failed. Collective: every process calls it, and they agree on the outcome."""
-  step_dir = os.path.join(str(manager.directory), str(step))
+  step_dir = paths.join(manager.directory, str(step))
   problem, restored = None, None
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: state_args,
                                                                INTEGRITY_ITEM: ocp.args.JsonRestore()}))
   except Exception as e:  # pylint: disable=broad-except  (any failure to read makes the checkpoint unusable)
-    if os.path.isdir(os.path.join(step_dir, 'default')):
+    if paths.isdir(paths.join(step_dir, 'default')):
       problem = ('it was written by a vit_jax without integrity records (a "default" item): it cannot be '
                  'verified; resume it with that version, or start a new --workdir')
     else:
@@ -254,18 +245,18 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, state_args, out
                    f'written ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}): its files were altered')
   if problem is not None:
     raise CorruptCheckpoint(f'The checkpoint of step {step} ({step_dir}) is not intact: {problem}.')
-  return restored[STATE_ITEM]
+  return restored[STATE_ITEM], restored[INTEGRITY_ITEM]
 
 
 def restore_newest_intact(manager: ocp.CheckpointManager, state_args, workdir: str, fallback: bool = True,
-                          out_sharding=None) -> Tuple[Any, Optional[int]]:
-  """(state, step) of the newest checkpoint that reads back with its recorded checksums; (None, None) when
-  there is no checkpoint. Newer checkpoints that fail are moved to `corrupt_checkpoints/` (kept, not deleted)
+                          out_sharding=None) -> Tuple[Any, Optional[int], Optional[int]]:
+  """(state, step, number of processes that wrote it) of the newest checkpoint that reads back with its
+  recorded checksums; (None, None, None) when there is no checkpoint. Newer checkpoints that fail are moved to `corrupt_checkpoints/` (kept, not deleted)
   with a warning; with `fallback=False`, or when none is intact, it raises naming each failure instead."""
   failures = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      state = _restore_verified(manager, step, state_args, out_sharding)
+      state, record = _restore_verified(manager, step, state_args, out_sharding)
     except CorruptCheckpoint as e:
       failures.append((step, str(e)))
       if not fallback:
@@ -276,23 +267,23 @@ def restore_newest_intact(manager: ocp.CheckpointManager, state_args, workdir: s
       moved = _set_aside(manager, workdir, [s for s, _ in failures])
       for (_, message), where in zip(failures, moved):
         logging.warning('%s Moved to %s; resuming from step %d instead.', message, where, step)
-    return state, step
+    return state, step, record.get('process_count')
   if failures:
     raise CheckpointError('No intact checkpoint to resume from:\n  ' + '\n  '.join(m for _, m in failures) +
                           f'\nThey are left in place. Start a new --workdir, or move {checkpoint_dir(workdir)} '
                           'aside to start over in this one.')
-  return None, None
+  return None, None, None
 
 
 def _set_aside(manager: ocp.CheckpointManager, workdir: str, steps: List[int]) -> List[str]:
   """Moves checkpoints out of the manager's folder (process 0), so that their steps can be written again."""
-  destination = os.path.join(workdir, CORRUPT_DIR)
+  destination = paths.join(workdir, CORRUPT_DIR)
   stamp = time.strftime('%Y%m%d-%H%M%S')
-  moved = [os.path.join(destination, f'{step}-{stamp}') for step in steps]
+  moved = [paths.join(destination, f'{step}-{stamp}') for step in steps]
   if jax.process_index() == 0:
-    os.makedirs(destination, exist_ok=True)
+    paths.makedirs(destination)
     for step, target in zip(steps, moved):
-      shutil.move(os.path.join(str(manager.directory), str(step)), target)
+      paths.move(paths.join(manager.directory, str(step)), target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('vit_jax: corrupt checkpoints set aside')
   manager.reload()
@@ -315,8 +306,8 @@ def load_pretrained(source: str) -> Dict[str, Any]:
 
 
 def _reading_manager(workdir: str) -> ocp.CheckpointManager:
-  directory = checkpoint_dir(os.path.abspath(workdir))
-  if not os.path.isdir(directory):
+  directory = checkpoint_dir(paths.absolute(workdir))
+  if not paths.isdir(directory):
     raise CheckpointError(f'No checkpoints in {workdir!r}: expected a vit_jax.main workdir with '
                           f'a {CHECKPOINT_DIR}/ folder.')
   _quiet_echoes_of_failed_io()
@@ -383,7 +374,7 @@ def _read_verified(manager: ocp.CheckpointManager, step: int, select) -> Dict[st
             for key in select(metadata)}
   args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
-  return _restore_verified(manager, step, args)
+  return _restore_verified(manager, step, args)[0]
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_jax import errors
+from vit_jax import paths
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -102,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 5_000
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 3
+  # (first, last): a profiler trace of these steps, for TensorBoard's Profile tab (<workdir>/plugins/profile).
+  # Start after the first step (compilation) and trace a few: e.g. --config.profile_steps='(10, 14)'.
+  config.profile_steps = ()
   config.eval_batch_size = config_dict.placeholder(int)  # None: same as batch_size.
   return config
 
@@ -172,6 +176,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'{config.batch_size}.')
   check(config.cpu_devices is None or config.cpu_devices >= 1,
         f'config.cpu_devices={config.cpu_devices}: give a positive device count, or None for one.')
+  steps = tuple(config.profile_steps)
+  check(not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+        f'config.profile_steps={steps}: give (first, last) with 1 <= first <= last, or () for no trace.')
   for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     check(config[field] >= 1, f'config.{field}={config[field]} must be at least 1.')
   check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
@@ -219,21 +226,15 @@ WORKDIR_CONFIG = 'config.json'
 
 def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Records the run's config next to its checkpoints, so tools can rebuild the model from the workdir.
-  Written to a temporary file, flushed to disk and renamed: a crash leaves the old record or the new one."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, WORKDIR_CONFIG)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=1))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + '.tmp', path)
+  Written whole or not at all: a crash leaves the old record or the new one."""
+  paths.write_text(paths.join(workdir, WORKDIR_CONFIG), config.to_json_best_effort(indent=1))
 
 
-# What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates and
-# checkpoints, where it reads the data, how it lays out devices. Anything else would silently continue the
+# What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates,
+# checkpoints and what it profiles, where it reads the data, how it lays out devices. Anything else would silently continue the
 # recorded run under other settings.
 RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                     'data_dir', 'mesh', 'cpu_devices', 'eval_batch_size')
+                     'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'eval_batch_size')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:
@@ -273,10 +274,11 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str, adopt: bool
 
 def _read_workdir_json(workdir: str) -> dict:
   """The recorded config as plain JSON (lists stay lists: what `check_resumable` compares)."""
-  path = os.path.join(workdir, WORKDIR_CONFIG)
+  path = paths.join(workdir, WORKDIR_CONFIG)
   try:
-    with open(path) as f:
-      record = json.load(f)
+    if not paths.exists(path):  # Object stores raise their own kinds of "not found".
+      raise FileNotFoundError(path)
+    record = json.loads(paths.read_text(path))
   except FileNotFoundError:
     raise errors.WorkdirError(f'{path} is missing') from None
   except (OSError, ValueError) as e:

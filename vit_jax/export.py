@@ -11,8 +11,6 @@ unless `--params=raw`.
 
 This module never imports TensorFlow: PyTorch's triton crashes when loaded after it.
 """
-import os
-
 from absl import app
 from absl import flags
 import jax
@@ -21,6 +19,7 @@ from vit_jax import checkpoints
 from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import models
+from vit_jax import paths
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a vit_jax.main run.')
 _OUT = flags.DEFINE_string('out', None, 'Output path (.npz, or .pth for --format torch).')
@@ -41,9 +40,8 @@ def save_torch(params, config, path: str) -> str:
     model = models.from_config(config, params['head']['kernel'].shape[-1])
     table = models.position_embedding_table(model, params, config.image_size)
   weights = timm_layout.state_dict(params, table)
-  tmp_path = path + '.tmp'
-  torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path)
-  os.replace(tmp_path, path)
+  with paths.atomic_writer(path) as f:
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, f)
   return timm_layout.constructor(info, config.image_size)
 
 

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import host_cpu
+from vit_jax import paths
 from vit_jax import peers
 from vit_jax import train
 
@@ -77,7 +78,7 @@ def main(argv):
   errors.quiet_library_logs()
   host_cpu.setup(_CONFIG.value)
   initialize_distributed()
-  workdir = _WORKDIR.value if '://' in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
+  workdir = paths.absolute(_WORKDIR.value)
   try:
     result = train.train_and_evaluate(_CONFIG.value, workdir, adopt_config=_ADOPT_CONFIG.value,
                                       fallback_to_intact_checkpoint=_FALLBACK.value)

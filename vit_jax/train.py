@@ -7,6 +7,7 @@ pod.
 """
 import contextlib
 import dataclasses
+import tempfile
 import time
 from typing import Any, Callable, Dict, Tuple
 
@@ -25,8 +26,10 @@ from jax.sharding import Mesh
 from vit_jax import checkpoints
 from vit_jax import config_lib
 from vit_jax import errors
+from vit_jax import flops
 from vit_jax import models
 from vit_jax import objectives
+from vit_jax import paths
 from vit_jax import preemption
 from vit_jax import sharding
 from vit_jax import workdir_lock
@@ -228,13 +231,24 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int, num_s
 class ProgressLogger:
   """Logs step, loss, steps/s, images/s and ETA, and writes TensorBoard scalars (process 0 only)."""
 
-  def __init__(self, workdir: str, num_steps: int, batch_size: int, start_step: int):
+  def __init__(self, workdir: str, num_steps: int, batch_size: int, start_step: int,
+               train_flops_per_image: float = None):
     self.enabled = jax.process_index() == 0
     self.num_steps, self.batch_size = num_steps, batch_size
+    # Model FLOP/s per device and MFU (`flops.py`): the peak is looked up, or measured on a CPU host.
+    self.flops_per_image = train_flops_per_image if self.enabled else None
+    self.peak = flops.peak_flops_per_device() if self.flops_per_image else None
     self.last_step, self.last_time = start_step, time.perf_counter()
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see train_and_evaluate)
     self.summary = tf.summary
-    self.writer = tf.summary.create_file_writer(workdir) if self.enabled else None
+    self.writer = None
+    if self.enabled:
+      # TensorFlow reaches gs:// only through its own client and s3:// not at all without tensorflow-io: for a
+      # URL, events are written to a local folder and each flush uploads the event file whole through the path
+      # layer (TensorFlow's GCS client rewrites the whole object on every flush too).
+      self.upload_to = workdir if paths.is_url(workdir) else None
+      self.events_dir = tempfile.mkdtemp(prefix='vit_jax_events_') if self.upload_to else workdir
+      self.writer = tf.summary.create_file_writer(self.events_dir)
 
   def scalars(self, step: int, scalars: Dict[str, float]) -> None:
     if not self.enabled:
@@ -243,6 +257,8 @@ class ProgressLogger:
       for name, value in scalars.items():
         self.summary.scalar(name, value, step=step)
     self.writer.flush()
+    if self.upload_to:
+      paths.upload_tree(self.events_dir, self.upload_to)
 
   def train_metrics(self, step: int, metrics: Dict[str, float]) -> None:
     now = time.perf_counter()
@@ -250,16 +266,49 @@ class ProgressLogger:
     self.last_step, self.last_time = step, now
     images_per_sec = steps_per_sec * self.batch_size
     eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
-    self.scalars(step, {**{f'train/{k}': v for k, v in metrics.items()},
-                        'train/steps_per_sec': steps_per_sec, 'train/images_per_sec': images_per_sec})
+    speed = {'train/steps_per_sec': steps_per_sec, 'train/images_per_sec': images_per_sec}
+    utilisation = ''
+    if self.flops_per_image:
+      per_device = images_per_sec * self.flops_per_image / jax.device_count()
+      speed['train/tflops_per_device'] = per_device / 1e12
+      utilisation = f'  {per_device / 1e12:.3g} TFLOP/s/device'
+      if self.peak:
+        speed['train/mfu'] = per_device / self.peak
+        utilisation += f'  MFU {per_device / self.peak:.1%}'
+    self.scalars(step, {**{f'train/{k}': v for k, v in metrics.items()}, **speed})
     if self.enabled:
-      logging.info('step %d/%d  loss %.4f  accuracy %.4f  %.2f steps/s  %.0f images/s  ETA %s', step,
+      logging.info('step %d/%d  loss %.4f  accuracy %.4f  %.2f steps/s  %.0f images/s%s  ETA %s', step,
                    self.num_steps, metrics['loss'], metrics['accuracy'], steps_per_sec, images_per_sec,
-                   _format_seconds(eta))
+                   utilisation, _format_seconds(eta))
 
   def restart_clock(self, step: int) -> None:
     """Excludes time spent outside training (eval, checkpoints, compilation) from the speed."""
     self.last_step, self.last_time = step, time.perf_counter()
+
+
+class StepProfiler:
+  """A profiler trace of the steps `config.profile_steps` = (first, last), every process its own host's, in
+  `<workdir>/plugins/profile/` where TensorBoard's Profile tab finds it."""
+
+  def __init__(self, steps, workdir: str):
+    self.first, self.last = tuple(steps) or (0, -1)
+    self.workdir, self.trace_dir = workdir, None
+
+  def before_step(self, step: int) -> None:
+    if step == self.first:
+      # JAX's profiler writes local files only; for a URL the trace is uploaded when it ends.
+      self.trace_dir = tempfile.mkdtemp(prefix='vit_jax_trace_') if paths.is_url(self.workdir) else self.workdir
+      jax.profiler.start_trace(self.trace_dir)
+
+  def after_step(self, step: int, state) -> None:
+    if step == self.last and self.trace_dir:
+      jax.block_until_ready(state)  # The trace holds the steps' device work, not just their dispatch.
+      jax.profiler.stop_trace()
+      if self.trace_dir != self.workdir:
+        paths.upload_tree(self.trace_dir, self.workdir)
+      logging.info('Profiler trace of steps %d-%d written to %s/plugins/profile.', self.first, self.last,
+                   self.workdir)
+      self.trace_dir = None
 
 
 def _format_seconds(seconds: float) -> str:
@@ -322,7 +371,7 @@ def _workdir_lock(workdir: str):
   use)."""
   lock, refusal = None, None
   if jax.process_index() == 0:
-    if '://' in workdir:
+    if paths.is_url(workdir):
       logging.warning('No lock on %s: object stores have none; make sure no other run uses it.', workdir)
     else:
       lock = workdir_lock.WorkdirLock(workdir)
@@ -357,11 +406,18 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
   if jax.process_index() == 0:
     config_lib.save_workdir_config(config, workdir)  # After the check: it compares with the recorded config.
   # Collective: every process restores (and verifies) its own shards of the state.
-  state, latest = checkpoints.restore_newest_intact(
+  state, latest, written_by = checkpoints.restore_newest_intact(
       manager, ocp.args.StandardRestore(run.abstract_state), workdir, fallback=fallback_to_intact_checkpoint,
       out_sharding=sharding.replicated(mesh))
   if latest is not None:
     logging.info('Resumed from the checkpoint of step %d in %s (checksums verified).', latest, manager.directory)
+    if written_by is not None and written_by != jax.process_count():
+      logging.warning(
+          'The checkpoint of step %d was written by %d processes; this run has %d. Each process reads its own '
+          'shard of the data in its own shuffled order, so from here on the global example order differs from '
+          'an uninterrupted run\'s: training continues correctly, but not bit for bit as the original would '
+          'have. Resume with %d processes to keep the order.', latest, written_by, jax.process_count(),
+          written_by)
   elif config.init_from:
     state = init_from_pretrained(run, config)
   else:
@@ -381,12 +437,17 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
       config.batch_size), start_step=start_step)
   device_batches = sharding.prefetch_to_mesh(train_iter, mesh)
 
-  logger = ProgressLogger(workdir, num_steps, config.batch_size, start_step)
+  logger = ProgressLogger(workdir, num_steps, config.batch_size, start_step,
+                          flops.train_flops_per_image(config, info.num_classes, info.channels)
+                          if jax.process_index() == 0 else None)
+  profiler = StepProfiler(config.profile_steps, workdir)
   train_metrics, summary = [], {}
   step = start_step
   with mesh:
     for step in range(start_step + 1, num_steps + 1):
+      profiler.before_step(step)
       state, metrics = train_fn(state, next(device_batches))
+      profiler.after_step(step, state)
       train_metrics.append(metrics)
       if step == start_step + 1:
         logger.restart_clock(step)  # The first step includes compilation.

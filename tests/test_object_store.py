@@ -1,0 +1,170 @@
+"""A workdir in a bucket, end to end, against a real GCS emulator (gcp-storage-emulator, started here on
+127.0.0.1): the main job trains, is killed, resumes to the parameters of an uninterrupted run, refuses a changed
+config; TensorBoard events, `export`, `analyze` and `init_from` read and write `gs://` paths.
+
+The emulator runs through `gcs_emulator.py`, which adds the generation header real GCS sends on downloads.
+The clients are pointed at it the way each supports: etils.epath (config.json, npz, figures, events,
+orbax's folders) through its fsspec backend (`EPATH_USE_TF=false`, gcsfs reads STORAGE_EMULATOR_HOST), orbax's
+arrays through TensorStore (TENSORSTORE_GCS_HTTP_URL). The bucket's contents are checked through the
+emulator's JSON API directly, not through the code under test.
+"""
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import jax
+import numpy as np
+from etils.epath import gpath
+import pytest
+
+from conftest import ROOT, run_main
+from vit_jax import checkpoints
+from vit_jax import paths
+
+BUCKET = 'vit-jax-test'
+STEPS = 60
+TINY = ('--config=configs/digits.py', '--config.model.num_layers=1', '--config.batch_size=32',
+        '--config.eval_batch_size=71', '--config.warmup_steps=10', f'--config.total_steps={STEPS}',
+        '--config.log_every_steps=20', '--config.eval_every_steps=1000', '--config.checkpoint_every_steps=20')
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def gcs(tmp_path_factory):
+  """The emulator's URL, with this process's environment pointing every client at it (restored after)."""
+  port = _free_port()
+  log = open(tmp_path_factory.mktemp('gcs') / 'emulator.log', 'w')
+  server = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'gcs_emulator.py'), '127.0.0.1', str(port),
+                             BUCKET], stdout=log, stderr=subprocess.STDOUT)
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 60
+  while True:
+    try:
+      urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}', timeout=2).read()
+      break
+    except OSError:
+      assert server.poll() is None and time.time() < deadline, 'the GCS emulator did not start'
+      time.sleep(0.2)
+  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url, 'EPATH_USE_TF': 'false',
+         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  gpath._is_tf_installed.cache_clear()  # epath reads EPATH_USE_TF once per process (cached).
+  yield url
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key)
+    else:
+      os.environ[key] = value
+  gpath._is_tf_installed.cache_clear()
+  server.terminate()
+  server.wait()
+  log.close()
+
+
+def _objects(url, prefix):
+  """Names of the bucket's objects under `prefix`, from the emulator's JSON API."""
+  query = urllib.parse.urlencode({'prefix': prefix})
+  listing = json.load(urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}/o?{query}', timeout=10))
+  return sorted(item['name'] for item in listing.get('items', []))
+
+
+def _object(url, name):
+  return urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe="")}?alt=media',
+                                timeout=10).read()
+
+
+def _committed_steps(url, run):
+  """Steps whose checkpoint orbax committed (on GCS it writes in place, then `<step>/commit_success.txt`)."""
+  prefix = f'{run}/checkpoints/'
+  names = [name[len(prefix):].split('/') for name in _objects(url, prefix)]
+  return sorted(int(parts[0]) for parts in names if parts[1:] == ['commit_success.txt'])
+
+
+def test_atomic_writes_leave_nothing_behind_when_interrupted(gcs, tmp_path):
+  for base in (str(tmp_path), f'gs://{BUCKET}/atomic'):
+    path = paths.join(base, 'record.json')
+    paths.write_text(path, 'old')
+    with pytest.raises(RuntimeError):
+      with paths.atomic_writer(path, 'w') as f:
+        f.write('half of the new')
+        raise RuntimeError('interrupted')
+    assert paths.read_text(path) == 'old'
+    assert paths.listdir(base) == ['record.json']
+  assert _object(gcs, 'atomic/record.json') == b'old'
+
+
+@pytest.mark.slow
+def test_a_bucket_workdir_trains_is_killed_resumes_and_serves_export_analyze_and_init_from(gcs, tmp_path, data_dir):
+  flags = (*TINY, f'--config.data_dir={data_dir}')
+  reference = tmp_path / 'reference'
+  run_main(reference, *flags)
+
+  run, workdir = 'runs/killed', f'gs://{BUCKET}/runs/killed'
+  process = subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *flags], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not _committed_steps(gcs, run):
+    assert process.poll() is None, f'the run ended early:\n{process.stderr.read()[-3000:]}'
+    assert time.time() < deadline, 'no checkpoint reached the bucket'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = _committed_steps(gcs, run)
+  assert killed_at and killed_at[-1] < STEPS, killed_at
+  assert 'config.json' in [name.split('/')[-1] for name in _objects(gcs, f'{run}/')]
+
+  resumed = run_main(workdir, *flags)
+  assert f'Resumed from the checkpoint of step {killed_at[-1]}' in resumed.stderr, resumed.stderr[-3000:]
+  assert _committed_steps(gcs, run)[-1] == STEPS
+  ours = checkpoints.restore_params(workdir, STEPS, ema=False)[0]
+  theirs = checkpoints.restore_params(str(reference), STEPS, ema=False)[0]
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))  # The old bug: a local folder named after the scheme.
+
+  # The resume guard reads the record from the bucket.
+  changed = run_main(workdir, *flags, '--config.lr=0.5', check=False)
+  assert changed.returncode == 2 and 'holds checkpoints of a run with another config (lr: ' in changed.stderr
+
+  # TensorBoard events of both attempts, readable as written.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  events = [name for name in _objects(gcs, f'{run}/') if '.tfevents.' in name]
+  assert len(events) == 2, events
+  logged = set()
+  for name in events:
+    local = tmp_path / os.path.basename(name)
+    local.write_bytes(_object(gcs, name))
+    logged |= {(v.tag, e.step) for e in tf.compat.v1.train.summary_iterator(str(local)) for v in e.summary.value}
+  assert {('train/loss', step) for step in (20, 40, 60)} <= logged
+
+  exported = f'gs://{BUCKET}/exports/killed.npz'
+  subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={workdir}', f'--out={exported}'], cwd=ROOT,
+                 check=True, capture_output=True, text=True, timeout=300)
+  with np.load(io.BytesIO(_object(gcs, 'exports/killed.npz'))) as npz:
+    assert npz['head/kernel'].shape == ours['head']['kernel'].shape
+    np.testing.assert_array_equal(npz['head/kernel'], ours['head']['kernel'])
+  np.testing.assert_array_equal(checkpoints.load_pretrained(exported)['head']['bias'], ours['head']['bias'])
+
+  figures = f'gs://{BUCKET}/figures'
+  subprocess.run([sys.executable, '-m', 'vit_jax.analyze', f'--workdir={workdir}', f'--out={figures}',
+                  '--num_images=8'], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+  pngs = [name for name in _objects(gcs, 'figures/') if name.endswith('.png')]
+  assert len(pngs) == 4 and all(_object(gcs, name).startswith(b'\x89PNG') for name in pngs)
+  assert 'figures/analysis.json' in _objects(gcs, 'figures/')
+
+  tuned = run_main(f'gs://{BUCKET}/runs/tuned', *flags, '--config.total_steps=20', f'--config.init_from={workdir}')
+  assert f'Initialised from {workdir}' in tuned.stderr
+  assert _committed_steps(gcs, 'runs/tuned') == [20]
