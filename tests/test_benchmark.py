@@ -47,3 +47,34 @@ def test_benchmark_reports_speed_flops_and_memory_side_by_side(tmp_path):
     assert rows['timm', 'train']['images_per_s'] > 0
     assert rows['timm', 'train']['max_logit_diff'] <= 1e-4 * max(rows['timm', 'train']['max_logit'], 1.0)
     assert 'x' in result.stdout.split('vit_jax')[1].splitlines()[0]  # The ours/them ratio is printed.
+
+
+def test_model_flops_are_the_matmuls_of_a_vit_and_a_train_step_is_three_forwards():
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import flops  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()  # ViT-B/16 at 224.
+  config.model.scan = True  # Counted unrolled all the same.
+  analytic = _analytic_forward_flops(197, 768, 3072, 12, 16, 3, 1000)
+  counted = flops.forward_flops_per_image(config, 1000, 3)
+  assert analytic <= counted <= 1.01 * analytic  # XLA adds the elementwise work (softmax, norms, GELU).
+  assert flops.train_flops_per_image(config, 1000, 3) == 3 * counted
+
+
+@pytest.mark.slow
+def test_input_benchmark_times_the_pipeline_pinned_and_derives_the_cores_a_host_needs(tmp_path, data_dir):
+  out = tmp_path / 'input.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.input_benchmark', '--dataset=imagenet_shaped/200', f'--data_dir={data_dir}',
+       '--batch=16', '--seconds=1', '--stages=10', f'--out={out}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  rows = report['pipeline']
+  assert len(rows) == 2 * len({row['cores'] for row in rows}) and all(row['images_per_s'] > 0 for row in rows)
+  assert {row['cores_used'] for row in rows if row['cores'] == 1} == {1}  # The worker really was pinned.
+  per_core = max(row['images_per_s'] for row in rows if row['cores'] == 1 and row['fused'])
+  assert len(report['needs']) == 4
+  for need in report['needs']:
+    assert need['cores_needed'] == pytest.approx(need['images_per_s_per_host'] / per_core)
+  assert 'ViT-L/16 on a TPU v5e host (8 chips, 112 cores)' in result.stdout
+  assert len(report['stages']) == 5 and all(rate > 0 for rate in report['stages'].values())

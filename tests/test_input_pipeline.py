@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax.datasets import embedded
+from vit_jax.datasets import imagenet_shaped
 
 
 def _digits_config(data_dir, **overrides):
@@ -101,3 +103,49 @@ def test_eval_dataset_covers_every_example_once_with_padding_masked(data_dir):
   labels = np.concatenate([b['label'] for b in batches])[:355]
   expected = np.array([ex['label'] for ex in builder.as_dataset(split='test').as_numpy_iterator()])
   np.testing.assert_array_equal(np.sort(labels), np.sort(expected))
+
+
+def _encoded(pixels, image_format):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return (tf.io.encode_jpeg(pixels, quality=90) if image_format == 'jpeg' else tf.io.encode_png(pixels)).numpy()
+
+
+@pytest.mark.parametrize('image_format', ['jpeg', 'png'])
+def test_decoding_only_the_crop_gives_the_pixels_of_decoding_all_then_cropping(image_format):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  feature = tfds.features.Image(shape=(None, None, 3))
+  rng = np.random.default_rng(0)
+  config = config_lib.base_config()  # ImageNet's preprocessing: inception crop and flip.
+  config.image_size = 64
+  assert config.pp.inception_crop
+  fused, separate = config.pp.copy_and_resolve_references(), config.pp.copy_and_resolve_references()
+  fused.decode_and_crop, separate.decode_and_crop = True, False
+  differ = 0
+  for i in range(12):
+    height, width = imagenet_shaped.image_shape(rng)
+    data = tf.constant(imagenet_shaped.jpeg_bytes(rng, height, width) if image_format == 'jpeg' else
+                       _encoded(rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8), 'png'))
+    seed = tf.constant([3, i], tf.int64)
+    example = {'image': data, 'label': tf.constant(1, tf.int32)}
+    ours = input_pipeline.preprocess_train(example, seed, fused, config.image_size, decode=feature)['image']
+    theirs = input_pipeline.preprocess_train(example, seed, separate, config.image_size, decode=feature)['image']
+    # Equal but in the crop's left column (the first or, flipped, the last): at that edge a JPEG's subsampled
+    # colour is interpolated from neighbours only the full decode reads (a few of 255 levels; 127.5 per unit).
+    gap = np.abs(ours.numpy() - theirs.numpy())
+    assert gap[:, 1:-1].max() == 0 and gap.max() <= 8 / 127.5, gap.max()
+    if image_format == 'png':  # Decoded whole either way.
+      assert gap.max() == 0
+    other_seed = input_pipeline.preprocess_train(example, seed + 1, fused, config.image_size, decode=feature)
+    differ += not np.array_equal(other_seed['image'].numpy(), ours.numpy())
+  assert differ >= 10  # The crop is random: the comparison is not between two constant outputs.
+
+
+def test_imagenet_shaped_sizes_follow_imagenet():
+  rng = np.random.default_rng(1)
+  shapes = np.array([imagenet_shaped.image_shape(rng) for _ in range(4000)])
+  assert 0.72 < np.mean(shapes.max(axis=1) == 500) < 0.78
+  assert 0.3 < np.mean((shapes[:, 0] == 375) & (shapes[:, 1] == 500)) < 0.4  # 500x375 landscape, the most common.
+  assert 330 < shapes[:, 0].mean() < 450 and 380 < shapes[:, 1].mean() < 500
+  sizes = [len(imagenet_shaped.jpeg_bytes(rng, 375, 500)) for _ in range(5)]
+  assert 80_000 < np.mean(sizes) < 140_000  # ImageNet's JPEGs average ~110 KB.

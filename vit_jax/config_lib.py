@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
       inception_crop=True,  # The paper's training augmentation on ImageNet.
       crop_min_area=0.05,
       flip=True,
+      # Decode only the crop window of a JPEG (the same crop, less work: BENCHMARKS.md "Input pipeline").
+      decode_and_crop=True,
   ))
 
   # Model: a registry name ("ViT-B/16", "R50+ViT-B/16", "ViT-mu/4", ...) and optional overrides.

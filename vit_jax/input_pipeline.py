@@ -83,16 +83,43 @@ def _to_model_range(image):
   return tf.cast(image, tf.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1], as the published models expect.
 
 
-def preprocess_train(example, seed, pp: ml_collections.ConfigDict, image_size: int):
-  """Inception crop (random area and aspect ratio, resized back) and random horizontal flip."""
+def _crop_window(shape, seed, pp: ml_collections.ConfigDict):
+  """(begin, size) of an inception crop (random area and aspect ratio) of an image of `shape` [h, w, c]."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(pp.crop_min_area, 1.0), use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+def _decode_jpeg_crop(data, seed, pp: ml_collections.ConfigDict, channels: int):
+  """Decodes only the crop window of a JPEG, at a fraction of the work of decoding it all and cropping, with the
+  same window (it depends on the image's size and `seed` alone) and the same pixels but in its left column,
+  where subsampled colour is interpolated from neighbours outside the window (a few of 255 levels)."""
+  begin, size = _crop_window(tf.image.extract_jpeg_shape(data), seed, pp)
+  window = tf.stack([begin[0], begin[1], size[0], size[1]])
+  return tf.ensure_shape(tf.image.decode_and_crop_jpeg(data, window, channels=channels), (None, None, channels))
+
+
+def preprocess_train(example, seed, pp: ml_collections.ConfigDict, image_size: int, decode=None):
+  """Inception crop (random area and aspect ratio, resized back) and random horizontal flip. With `decode`
+  (the image feature, whose `decode_example` turns bytes into pixels), `example['image']` is still encoded:
+  with `pp.decode_and_crop`, a JPEG then has only its crop decoded."""
   image = example['image']
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  if pp.inception_crop:
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_seed,
-        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(pp.crop_min_area, 1.0),
-        use_image_if_no_bounding_boxes=True)
-    image = tf.slice(image, begin, size)
+  if decode is not None and pp.inception_crop and pp.decode_and_crop:
+    data, channels = image, decode.shape[-1]
+
+    def decode_then_crop():  # PNG and other formats.
+      pixels = tf.ensure_shape(decode.decode_example(data), (None, None, channels))
+      return tf.slice(pixels, *_crop_window(tf.shape(pixels), crop_seed, pp))
+
+    image = tf.cond(tf.io.is_jpeg(data), lambda: _decode_jpeg_crop(data, crop_seed, pp, channels),
+                    decode_then_crop)
+  else:
+    if decode is not None:
+      image = decode.decode_example(image)
+    if pp.inception_crop:
+      image = tf.slice(image, *_crop_window(tf.shape(image), crop_seed, pp))
   image = _resize(image, image_size)
   if pp.flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
@@ -131,10 +158,10 @@ def train_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: 
   ds = ds.enumerate().skip(start_step * local_batch_size)
 
   def prepare(index, example):
-    if not config.cache_data:
-      example = decode(example)
+    if not config.cache_data:  # Decoded in preprocess_train, which may decode just the crop.
+      example = {'image': example['image'], 'label': tf.cast(example['label'], tf.int32)}
     return preprocess_train(example, tf.stack([tf.constant(seed, tf.int64), index]), config.pp,
-                            config.image_size)
+                            config.image_size, decode=None if config.cache_data else builder.info.features['image'])
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -9,6 +9,7 @@ ImageNet would take.
 - `embedded_digits`: scikit-learn's `load_digits` (1,797 8x8 grey images, 10 classes; pip only), split
   80/20 stratified by class.
 """
+import functools
 import gzip
 import os
 from typing import Tuple
@@ -17,6 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vit_jax import errors
+from vit_jax.datasets import imagenet_shaped
 
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
 FASHION_MNIST_ENV = 'VIT_JAX_FASHION_MNIST_DIR'
@@ -131,4 +133,8 @@ class EmbeddedDigits(_EmbeddedBuilder):
     return read_digits(split)
 
 
-BUILDERS = {'embedded_fashion_mnist': EmbeddedFashionMnist, 'embedded_digits': EmbeddedDigits}
+BUILDERS = {'embedded_fashion_mnist': EmbeddedFashionMnist, 'embedded_digits': EmbeddedDigits,
+            # Synthetic, for timing the input pipeline at ImageNet's image sizes (`vit_jax.input_benchmark`).
+            'imagenet_shaped': functools.partial(imagenet_shaped.ImagenetShaped, config='2000'),
+            'imagenet_shaped/10000': functools.partial(imagenet_shaped.ImagenetShaped, config='10000'),
+            'imagenet_shaped/200': functools.partial(imagenet_shaped.ImagenetShaped, config='200')}
