@@ -63,11 +63,20 @@ for ((i = 0; i < num_processes; i++)); do
   if [[ ${code} -eq 75 ]]; then
     preempted=1
   elif [[ ${code} -ne 0 ]]; then
-    echo "process ${i} failed (exit ${code}); end of ${log_dir}/process_${i}.log:" >&2
-    tail -n 30 "${log_dir}/process_${i}.log" >&2
+    # The cause in a line when the log has one (ours, or JAX's for a lost coordinator), else the log's end.
+    cause=$(grep -E '^Error: |Terminating process because' "${log_dir}/process_${i}.log" | tail -n 3 || true)
+    if [[ -n "${cause}" ]]; then
+      echo "process ${i} failed (exit ${code}): ${cause}" >&2
+    else
+      echo "process ${i} failed (exit ${code}); end of ${log_dir}/process_${i}.log:" >&2
+      tail -n 30 "${log_dir}/process_${i}.log" >&2
+    fi
     status=1
   fi
 done
+if [[ ${status} -ne 0 ]]; then
+  echo "after fixing the cause, rerun the same command: the run resumes from its newest checkpoint" >&2
+fi
 if [[ ${status} -eq 0 && ${preempted} -eq 1 ]]; then
   echo "preempted: every process saved a checkpoint and stopped; rerun the same command to resume" >&2
   exit 75

@@ -101,11 +101,12 @@ def test_two_processes_train_agree_stop_together_on_sigterm_and_resume_to_the_sa
 
 
 @pytest.mark.slow
-def test_when_a_worker_dies_the_coordinator_names_it_and_stops_at_once(tmp_path, data_dir):
-  """kill -9 of process 1 mid-run: process 0 (waiting in a collective, or failing one) notices within a
-  second that process 1's pid is gone (same host), says so and exits 3; without the watch it waited out the
-  heartbeat timeout and JAX aborted it (docs/faults.md). (Process 0 dying ends process 1 at once, by JAX itself:
-  see peers.py.)"""
+@pytest.mark.parametrize('killed', [1, 0])
+def test_when_a_process_dies_the_other_says_which_and_stops_at_once(tmp_path, data_dir, killed):
+  """kill -9 mid-run. Of process 1 (a worker): process 0 (waiting in a collective, or failing one) notices within
+  a second that process 1's pid is gone (same host), says so and exits 3; without the watch it waited out the
+  heartbeat timeout and JAX aborted it (docs/faults.md). Of process 0 (the coordinator, which hosts JAX's
+  coordination service): JAX aborts process 1 at once with its own message; the launcher quotes it."""
   workdir = tmp_path / 'run'
   flags = list(_launcher(tmp_path / 'logs', workdir, data_dir, 3000))
   launcher = subprocess.Popen([*flags, '--config.checkpoint_every_steps=1000'], cwd=ROOT,
@@ -116,18 +117,24 @@ def test_when_a_worker_dies_the_coordinator_names_it_and_stops_at_once(tmp_path,
   while not (log_0.exists() and 'step 3/3000' in log_0.read_text()):  # Training, past compilation.
     assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[1][-3000:]
     time.sleep(0.1)
-  worker = subprocess.run(['pgrep', '-f', '--', f'--process_id=1 .*--workdir={workdir}'], capture_output=True,
-                          text=True)
-  worker_pid = int(worker.stdout.split()[0])
-  os.kill(worker_pid, signal.SIGKILL)
+  victim = subprocess.run(['pgrep', '-f', '--', f'--process_id={killed} .*--workdir={workdir}'],
+                          capture_output=True, text=True)
+  victim_pid = int(victim.stdout.split()[0])
+  os.kill(victim_pid, signal.SIGKILL)
   killed_at = time.time()
   stderr = launcher.communicate(timeout=300)[1]
   seconds = time.time() - killed_at
-  log = log_0.read_text()
-  assert re.search(rf'Error: process 0 of 2 stops: process 1 \(pid {worker_pid} on host .*\) is gone', log), \
-      log[-3000:]
-  assert 'Rerun the same command on every host: the run resumes' in log
-  assert 'process 0 failed (exit 3)' in stderr, stderr
+  survivor = 1 - killed
+  log = (tmp_path / 'logs' / f'process_{survivor}.log').read_text()
+  if killed == 1:
+    assert re.search(rf'Error: process 0 of 2 stops: process 1 \(pid {victim_pid} on host .*\) is gone', log), \
+        log[-3000:]
+    assert 'Rerun the same command on every host: the run resumes' in log
+    assert 'process 0 failed (exit 3): Error: process 0 of 2 stops: process 1' in stderr, stderr
+  else:
+    assert 'Terminating process because the JAX distributed service detected fatal errors' in log, log[-3000:]
+    assert 'process 1 failed (exit 134): ' in stderr and 'detected fatal errors' in stderr, stderr
+  assert 'rerun the same command: the run resumes from its newest checkpoint' in stderr
   assert seconds < 30, seconds
 
 
