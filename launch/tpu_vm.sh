@@ -65,7 +65,9 @@ gcloud compute tpus tpu-vm ssh "${name}" --zone="${zone}" --worker=all --command
   [ -d vit_jax_src ] || git clone '${repo}' vit_jax_src
   cd vit_jax_src && git pull --ff-only
   python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  nohup bash -c 'until python3 -m vit_jax.main${main_flags}; do [ \$? -eq 75 ] || exit 1; done' \
+  nohup bash -c 'until python3 -m vit_jax.main${main_flags}; do s=\$?; [ \$s -eq 75 ] && continue
+    echo \"vit_jax.main failed (exit \$s); fix the cause, then run tpu_vm.sh again: the run resumes\"; exit 1
+  done' \
     > ~/vit_jax.log 2>&1 &
 "
 echo "started on every worker of ${name}; progress: worker 0's ~/vit_jax.log, TensorBoard: ${workdir}"
