@@ -78,3 +78,17 @@ def test_input_benchmark_times_the_pipeline_pinned_and_derives_the_cores_a_host_
     assert need['cores_needed'] == pytest.approx(need['images_per_s_per_host'] / per_core)
   assert 'ViT-L/16 on a TPU v5e host (8 chips, 112 cores)' in result.stdout
   assert len(report['stages']) == 5 and all(rate > 0 for rate in report['stages'].values())
+
+
+@pytest.mark.parametrize('options, kernel', [
+    (None, 'ynn'),  # XLA:CPU's default in this jaxlib: YNNPACK, not Eigen.
+    ({'xla_cpu_experimental_ynn_fusion_type': ''}, 'eigen'),
+    ({'xla_cpu_use_onednn': True, 'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}, 'onednn'),
+])
+def test_the_benchmark_names_the_kernel_that_runs_the_dot(options, kernel):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import benchmark  # pylint: disable=g-import-not-at-top
+  lowered = jax.jit(lambda x, w: jnp.tanh(x @ w)).lower(jnp.ones((64, 128)), jnp.ones((128, 256)))
+  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+  assert benchmark.dot_kernels(compiled.as_text(), 'cpu') == kernel

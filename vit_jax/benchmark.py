@@ -24,6 +24,7 @@ shapes and compiled ahead of time, nothing runs: compile time and compiled memor
 import itertools
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -105,6 +106,35 @@ def _flops(compiled) -> float:
   return float(cost['flops'])
 
 
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) \(.*\{$')
+_LIBRARY_FUSION = re.compile(r'calls=%([\w.\-]+).*"kind":"__(\w+?)_fusion"')
+
+
+def dot_kernels(hlo_text: str, platform: str) -> str:
+  """What runs the matmuls of a compiled program, read from its optimized HLO: on CPU, the library of the
+  fusion holding each dot ('ynn', 'onednn', 'xnn') or 'eigen' (XLA:CPU's own dot emitter and Eigen runtime);
+  on GPU, 'cublas' (a cuBLAS custom call), 'triton' or 'xla'; on TPU the platform (one matrix unit, no
+  library). Several kinds are joined with '+'."""
+  if platform == 'tpu':
+    return 'tpu'
+  library = {}  # fused computation -> the library its fusion hands it to
+  for line in hlo_text.splitlines():
+    match = _LIBRARY_FUSION.search(line)
+    if match:
+      library[match[1]] = match[2]
+  found, computation = set(), None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header[1]
+    elif 'custom_call_target="__cublas' in line:
+      found.add('cublas')
+    elif re.search(r'= \S+ dot\(', line):
+      kind = library.get(computation)
+      found.add(kind if kind else ('eigen' if platform == 'cpu' else 'xla'))
+  return '+'.join(sorted(found)) or 'none'
+
+
 def jax_inference(job: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -133,7 +163,8 @@ def jax_inference(job: dict) -> dict:
   if job.get('flops_only'):
     return dict(flops=_flops(compiled))
   seconds = _time_calls(lambda: compiled(params, images).block_until_ready(), job['repeats'], job['warmup'])
-  return dict(compile_s=compile_s, seconds=seconds, flops=_flops(compiled), **_memory(compiled))
+  return dict(compile_s=compile_s, seconds=seconds, flops=_flops(compiled), **_memory(compiled),
+              kernel=dot_kernels(compiled.as_text(), jax.default_backend()))
 
 
 def jax_train(job: dict) -> dict:
@@ -162,7 +193,8 @@ def jax_train(job: dict) -> dict:
     jax.block_until_ready((holder[0], metrics))
 
   seconds = _time_calls(step, job['repeats'], job['warmup'])
-  return dict(compile_s=compile_s, seconds=seconds, flops=_flops(compiled), **_memory(compiled))
+  return dict(compile_s=compile_s, seconds=seconds, flops=_flops(compiled), **_memory(compiled),
+              kernel=dot_kernels(compiled.as_text(), jax.default_backend()))
 
 
 def jax_compile(job: dict) -> dict:
@@ -266,7 +298,7 @@ def measure_speed() -> list:
   peak = run_worker({'kind': 'matmul'})
   print(f'Machine: {peak["device_kind"]} ({peak["backend"]}, {peak["devices"]} device(s)), {os.cpu_count()} '
         f'CPUs; fp32 matmul {peak["size"]}^3: {peak["flops_per_s"] / 1e9:.1f} GFLOP/s (the peak below).')
-  header = (f'{"variant":9} {"size":>4} {"batch":>5} {"mode":9} {"impl":12} {"img/s":>7} {"compile s":>9} '
+  header = (f'{"variant":9} {"size":>4} {"batch":>5} {"mode":9} {"impl":12} {"kernel":8} {"img/s":>7} {"compile s":>9} '
             f'{"GFLOP/img":>9} {"GFLOP/s":>7} {"of peak":>7} {"XLA GiB":>7} {"RSS GiB":>7} {"ours/them":>9}')
   print(header)
   results = [dict(peak)]
@@ -301,7 +333,8 @@ def measure_speed() -> list:
           ratio = '' if impl.startswith('timm') else ' / '.join(
               f'{images_per_s / (batch / other["seconds"]):.2f}x' for name, other in rows[1:])
           xla = result.get('temp_gib', 0) + result.get('argument_gib', 0) + result.get('output_gib', 0)
-          print(f'{variant:9} {size:4d} {batch:5d} {mode:9} {impl:12} {images_per_s:7.2f} '
+          result.setdefault('kernel', 'torch')  # timm: PyTorch's CPU matmul (MKL or oneDNN, its choice).
+          print(f'{variant:9} {size:4d} {batch:5d} {mode:9} {impl:12} {result["kernel"]:8} {images_per_s:7.2f} '
                 f'{result["compile_s"]:9.1f} {flops_per_image / 1e9:9.2f} {flops_per_s / 1e9:7.1f} '
                 f'{result["of_peak"]:7.1%} {(f"{xla:.2f}" if xla else "-"):>7} {result["peak_rss_gib"]:7.2f} '
                 f'{ratio:>9}', flush=True)

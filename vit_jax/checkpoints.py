@@ -251,8 +251,9 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, state_args, out
 def restore_newest_intact(manager: ocp.CheckpointManager, state_args, workdir: str, fallback: bool = True,
                           out_sharding=None) -> Tuple[Any, Optional[int], Optional[int]]:
   """(state, step, number of processes that wrote it) of the newest checkpoint that reads back with its
-  recorded checksums; (None, None, None) when there is no checkpoint. Newer checkpoints that fail are moved to `corrupt_checkpoints/` (kept, not deleted)
-  with a warning; with `fallback=False`, or when none is intact, it raises naming each failure instead."""
+  recorded checksums; (None, None, None) when there is no checkpoint. Newer checkpoints that fail are moved
+  to `corrupt_checkpoints/` (kept, not deleted) with a warning; with `fallback=False`, or when none is
+  intact, it raises naming each failure instead."""
   failures = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:

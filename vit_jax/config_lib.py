@@ -233,8 +233,8 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None
 
 
 # What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates,
-# checkpoints and what it profiles, where it reads the data, how it lays out devices. Anything else would silently continue the
-# recorded run under other settings.
+# checkpoints and what it profiles, where it reads the data, how it lays out devices. Anything else would
+# silently continue the recorded run under other settings.
 RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'eval_batch_size')
 

@@ -54,9 +54,9 @@ def show_tracebacks() -> bool:
 
 def quiet_library_logs() -> None:
   """Orbax, tfds and fsspec (object stores) narrate every file they touch at INFO: their warnings and errors
-  are kept, the chatter dropped. A failed checkpoint write makes orbax log the same storage error, traceback and all, from each of
-  its threads; the run then reports it once, so theirs keep their first line only (all of it with
-  --verbose)."""
+  are kept, the chatter dropped. A failed checkpoint write makes orbax log the same storage error, traceback
+  and all, from each of its threads; the run then reports it once, so theirs keep their first line only (all
+  of it with --verbose)."""
   def keep(record) -> bool:
     if not any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/', '/fsspec/', '/gcsfs/')):
       return True

@@ -5,8 +5,8 @@
 Builds `imagenet_shaped` once (synthetic JPEGs of ImageNet's sizes, `datasets/imagenet_shaped.py`), then times
 the training pipeline itself (`input_pipeline.train_dataset`: read, decode, inception crop, flip, resize to
 224, batch) in fresh processes pinned to 1 core and to all cores, with the fused decode-and-crop
-(`config.pp.decode_and_crop`) on and off, and each stage alone on 1 core. From the 1-core rate it derives the cores a TPU host needs for
-ViT-B/16 and ViT-L/16 at a given MFU (model FLOPs: `flops.py`).
+(`config.pp.decode_and_crop`) on and off, and each stage alone on 1 core. From the 1-core rate it derives the
+cores a TPU host needs for ViT-B/16 and ViT-L/16 at a given MFU (model FLOPs: `flops.py`).
 """
 import json
 import os
@@ -63,8 +63,9 @@ def time_stages(job: dict) -> dict:
   split = f'train[:{job["images"]}]'
   encoded = [ex['image'] for ex in builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})]
   pp = config_lib.base_config().pp
-  window = lambda data: input_pipeline._crop_window(tf.image.extract_jpeg_shape(data), tf.constant([0, 1]), pp)  # pylint: disable=protected-access
-  fused = lambda data: input_pipeline._decode_jpeg_crop(data, tf.constant([0, 1]), pp, 3)  # pylint: disable=protected-access
+  seed = tf.constant([0, 1])
+  window = lambda data: input_pipeline.crop_window(tf.image.extract_jpeg_shape(data), seed, pp)
+  fused = lambda data: input_pipeline.decode_jpeg_crop(data, seed, pp, 3)
   stages = {
       'decode whole': lambda data: tf.io.decode_jpeg(data, channels=3),
       'crop window only': window,

@@ -83,7 +83,7 @@ def _to_model_range(image):
   return tf.cast(image, tf.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1], as the published models expect.
 
 
-def _crop_window(shape, seed, pp: ml_collections.ConfigDict):
+def crop_window(shape, seed, pp: ml_collections.ConfigDict):
   """(begin, size) of an inception crop (random area and aspect ratio) of an image of `shape` [h, w, c]."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.0,
@@ -91,11 +91,11 @@ def _crop_window(shape, seed, pp: ml_collections.ConfigDict):
   return begin, size
 
 
-def _decode_jpeg_crop(data, seed, pp: ml_collections.ConfigDict, channels: int):
+def decode_jpeg_crop(data, seed, pp: ml_collections.ConfigDict, channels: int):
   """Decodes only the crop window of a JPEG, at a fraction of the work of decoding it all and cropping, with the
   same window (it depends on the image's size and `seed` alone) and the same pixels but in its left column,
   where subsampled colour is interpolated from neighbours outside the window (a few of 255 levels)."""
-  begin, size = _crop_window(tf.image.extract_jpeg_shape(data), seed, pp)
+  begin, size = crop_window(tf.image.extract_jpeg_shape(data), seed, pp)
   window = tf.stack([begin[0], begin[1], size[0], size[1]])
   return tf.ensure_shape(tf.image.decode_and_crop_jpeg(data, window, channels=channels), (None, None, channels))
 
@@ -111,15 +111,15 @@ def preprocess_train(example, seed, pp: ml_collections.ConfigDict, image_size: i
 
     def decode_then_crop():  # PNG and other formats.
       pixels = tf.ensure_shape(decode.decode_example(data), (None, None, channels))
-      return tf.slice(pixels, *_crop_window(tf.shape(pixels), crop_seed, pp))
+      return tf.slice(pixels, *crop_window(tf.shape(pixels), crop_seed, pp))
 
-    image = tf.cond(tf.io.is_jpeg(data), lambda: _decode_jpeg_crop(data, crop_seed, pp, channels),
+    image = tf.cond(tf.io.is_jpeg(data), lambda: decode_jpeg_crop(data, crop_seed, pp, channels),
                     decode_then_crop)
   else:
     if decode is not None:
       image = decode.decode_example(image)
     if pp.inception_crop:
-      image = tf.slice(image, *_crop_window(tf.shape(image), crop_seed, pp))
+      image = tf.slice(image, *crop_window(tf.shape(image), crop_seed, pp))
   image = _resize(image, image_size)
   if pp.flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
