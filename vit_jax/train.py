@@ -7,6 +7,7 @@ pod.
 """
 import contextlib
 import dataclasses
+import shutil
 import tempfile
 import time
 from typing import Any, Callable, Dict, Tuple
@@ -306,6 +307,7 @@ class StepProfiler:
       jax.profiler.stop_trace()
       if self.trace_dir != self.workdir:
         paths.upload_tree(self.trace_dir, self.workdir)
+        shutil.rmtree(self.trace_dir, ignore_errors=True)
       logging.info('Profiler trace of steps %d-%d written to %s/plugins/profile.', self.first, self.last,
                    self.workdir)
       self.trace_dir = None
