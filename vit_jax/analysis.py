@@ -10,16 +10,22 @@ attention weights. Plain numpy/JAX functions; `vit_jax.analyze` draws them.
   weighted by attention, averaged over queries and images;
 - `embedding_filter_components`: principal components of the patch-embedding filters.
 """
+import functools
 from typing import List, Tuple
 
+import jax
 import numpy as np
 
+from vit_jax import host_cpu
 from vit_jax import models
 
 
-def attention_weights(model: models.VisionTransformer, params, images) -> List[np.ndarray]:
+def attention_weights(model: models.VisionTransformer, params, images,
+                      cpu_matmul: str = 'onednn') -> List[np.ndarray]:
   """[layer] -> (batch, heads, tokens, tokens) attention weights of `model` on `images` (eval mode)."""
-  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  apply = jax.jit(functools.partial(model.apply, mutable=['intermediates']),
+                  compiler_options=host_cpu.compiler_options(cpu_matmul))
+  _, state = apply({'params': params}, images)
   blocks = state['intermediates']['Transformer']
   if models.SCANNED_BLOCK in blocks:  # One array stacked over layers.
     stacked = np.asarray(blocks[models.SCANNED_BLOCK]['MultiHeadDotProductAttention_1']['attention_weights'][0])

@@ -14,6 +14,7 @@ import json
 
 from absl import app
 from absl import flags
+import jax
 import matplotlib.pyplot as plt  # Without a display, matplotlib picks its file-only backend itself.
 import numpy as np
 
@@ -138,8 +139,9 @@ def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
   params, step = checkpoints.restore_params(workdir, step)
   model = models.from_config(config, params['head']['kernel'].shape[-1])
   images, labels = load_test_images(config, num_images)
-  weights = analysis.attention_weights(model, params, images)
-  logits = model.apply({'params': params}, images)
+  cpu_matmul = config.get('cpu_matmul', 'onednn')  # Workdirs recorded before the field existed: the default.
+  weights = analysis.attention_weights(model, params, images, cpu_matmul)
+  logits = jax.jit(model.apply, compiler_options=host_cpu.compiler_options(cpu_matmul))({'params': params}, images)
   grid = model.token_grid((config.image_size, config.image_size))
   prefix = 1 if model.classifier == 'token' else 0
   rollout = analysis.attention_rollout(weights, prefix, grid)

@@ -2,6 +2,7 @@
 
   python -m vit_jax.benchmark                                   # Ti/16, S/16, B/16; 224px; batch 8; fp32
   python -m vit_jax.benchmark --variants=ViT-B/16 --compare=timm --json=b16.json
+  python -m vit_jax.benchmark --variants=ViT-B/16,configs/default.py --cpu_matmul=xla,onednn --compare=timm --rounds=3
   python -m vit_jax.benchmark --measure=compile --variants=ViT-B/16,ViT-L/16 --remat=false,true --scan=false,true
 
 `--measure=speed` (default). For each variant, resolution and batch size, `inference` (forward pass, eval
@@ -10,7 +11,10 @@ are measured, each in a fresh worker process so that peak RSS is its own: compil
 `--repeats` timed calls after `--warmup` calls (every output blocked on), images/s, FLOPs per image from XLA's
 `cost_analysis()` (multiply and add counted as two), achieved FLOP/s and its ratio to the machine's fp32
 matmul peak (a large jitted matmul measured in the same run), XLA's compiled memory (`memory_analysis()`:
-temporaries + arguments + outputs) and the process's peak RSS.
+temporaries + arguments + outputs), the process's peak RSS and the kernel that ran the matmuls (read from the
+compiled HLO). `--cpu_matmul=xla,onednn` measures ours under both CPU matmul libraries (`config.cpu_matmul`);
+`--rounds=N` measures every row N times, the rows taking turns, and reports the median and the spread. A
+config file as the variant (`configs/default.py`) is measured at its own image size, batch and dataset shape.
 
 `--compare=timm` (needs the `torch` extra) measures timm's `VisionTransformer` on the same batch, resolution,
 dtype and thread count, built from our weights through `vit_jax.timm_layout` so that both compute the same
@@ -38,13 +42,18 @@ from absl import flags
 from vit_jax import errors  # absl only: safe before the torch/JAX import order matters.
 
 _MEASURE = flags.DEFINE_enum('measure', 'speed', ['speed', 'compile'], 'What to measure.')
-_VARIANTS = flags.DEFINE_list('variants', ['ViT-Ti/16', 'ViT-S/16', 'ViT-B/16'], 'Model variants.')
+_VARIANTS = flags.DEFINE_list('variants', ['ViT-Ti/16', 'ViT-S/16', 'ViT-B/16'],
+                              'Model variants, or config files (configs/default.py: its model, image size, batch '
+                              'size and dataset shape; --image_sizes/--batch_sizes do not apply to it).')
 _IMAGE_SIZES = flags.DEFINE_list('image_sizes', ['224'], 'Image sizes.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['8'], 'Global batch sizes (speed).')
 _MODES = flags.DEFINE_list('modes', ['inference', 'train'], 'What to time (speed): inference, train.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Activation/matmul dtype.')
 _COMPARE = flags.DEFINE_list('compare', [], 'Also measure: timm (eager), timm_compile (torch.compile).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (the median is reported).')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (their median is its time).')
+_ROUNDS = flags.DEFINE_integer('rounds', 1, 'Measurements per row, the rows of a mode taking turns (alternating): '
+                               'the median over rounds is reported with the min-max spread.')
+_CPU_MATMULS = flags.DEFINE_list('cpu_matmul', ['onednn'], 'config.cpu_matmul settings to measure (CPU): onednn, xla.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
 _THREADS = flags.DEFINE_integer('threads', None, 'torch threads (default: the CPU count, as XLA uses).')
 _REMAT = flags.DEFINE_list('remat', ['false'], 'remat settings to measure.')
@@ -82,14 +91,22 @@ def matmul_job(job: dict) -> dict:
   return flops.matmul_peak()
 
 
+def _is_config_file(variant: str) -> bool:
+  return variant.endswith('.py')
+
+
 def _config(job: dict):
   from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.base_config()
-  config.model.name = job['variant']
+  if _is_config_file(job['variant']):
+    config = config_lib.load_config_file(job['variant'])
+  else:
+    config = config_lib.base_config()
+    config.model.name = job['variant']
   config.model.remat, config.model.scan = job.get('remat', False), job.get('scan', False)
   config.image_size = job['image_size']
   config.batch_size = job['batch']
   config.dtype = job['dtype']
+  config.cpu_matmul = job.get('cpu_matmul', 'onednn')
   config.total_steps = 100_000  # Only the schedule's length (past the 10k warmup); nothing runs that long.
   return config
 
@@ -140,25 +157,27 @@ def jax_inference(job: dict) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax import host_cpu  # pylint: disable=g-import-not-at-top
   config = _config(job)
-  model = models.from_config(config, num_classes=1000)
-  images = np.random.default_rng(0).uniform(-1, 1, (job['batch'], job['image_size'], job['image_size'], 3))
+  model = models.from_config(config, num_classes=job['classes'])
+  size = job['image_size']
+  images = np.random.default_rng(0).uniform(-1, 1, (job['batch'], size, size, job['channels']))
   images = jnp.asarray(images, jnp.float32)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])['params']
   # A random head (it starts at zero), so that the logits compared with timm's mean something.
   params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x),
+                    compiler_options=host_cpu.compiler_options(config.cpu_matmul))
   start = time.perf_counter()
   compiled = forward.lower(params, images).compile()
   compile_s = time.perf_counter() - start
   if job.get('exchange'):  # Hand the same weights, images and our logits to the timm workers.
     from vit_jax import timm_layout  # pylint: disable=g-import-not-at-top
     exchange = job['exchange']
-    params_np = jax.tree.map(np.asarray, params)
-    np.savez(os.path.join(exchange, 'weights.npz'), **timm_layout.state_dict(params_np))
+    import torch  # pylint: disable=g-import-not-at-top  (untimed: this job only hands over the model)
+    torch.save(timm_layout.create_model(jax.tree.map(np.asarray, params), job['image_size']),
+               os.path.join(exchange, 'timm_model.pt'))
     np.savez(os.path.join(exchange, 'io.npz'), images=np.asarray(images), logits=np.asarray(compiled(params, images)))
-    with open(os.path.join(exchange, 'timm_kwargs.json'), 'w') as f:
-      json.dump(timm_layout.timm_kwargs(timm_layout.describe(params_np), job['image_size']), f)
     return {}
   if job.get('flops_only'):
     return dict(flops=_flops(compiled))
@@ -174,12 +193,12 @@ def jax_train(job: dict) -> dict:
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   config = _config(job)
   mesh = sharding.make_mesh(config.mesh)
-  run = train.setup(config, mesh, num_classes=1000, num_steps=100_000, channels=3)
+  run = train.setup(config, mesh, num_classes=job['classes'], num_steps=100_000, channels=job['channels'])
   rng = np.random.default_rng(0)
   size = job['image_size']
   batch = sharding.to_global_batch({
-      'image': rng.uniform(-1, 1, (job['batch'], size, size, 3)).astype(np.float32),
-      'label': rng.integers(0, 1000, job['batch']).astype(np.int32)}, mesh)
+      'image': rng.uniform(-1, 1, (job['batch'], size, size, job['channels'])).astype(np.float32),
+      'label': rng.integers(0, job['classes'], job['batch']).astype(np.int32)}, mesh)
   state = run.init_state(jax.random.PRNGKey(0))
   start = time.perf_counter()
   compiled = run.train_fn.lower(state, batch).compile()
@@ -215,19 +234,14 @@ def jax_compile(job: dict) -> dict:
 
 
 def timm_run(job: dict) -> dict:
-  """timm's VisionTransformer with our weights (inference) or the same architecture (train). Imports neither
-  JAX nor TensorFlow: its peak RSS is timm's own."""
+  """timm's model of our architecture (`timm_layout.create_model`, pickled by the JAX worker) with our weights,
+  inference or train step. Imports neither JAX nor TensorFlow: its peak RSS is timm's own."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
   threads = job['threads'] or os.cpu_count()
   torch.set_num_threads(threads)
   exchange = job['exchange']
-  with open(os.path.join(exchange, 'timm_kwargs.json')) as f:
-    kwargs = json.load(f)
-  model = vision_transformer.VisionTransformer(**kwargs)
-  with np.load(os.path.join(exchange, 'weights.npz')) as weights:
-    model.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files}, strict=True)
+  model = torch.load(os.path.join(exchange, 'timm_model.pt'), weights_only=False)  # Our own file, just written.
   with np.load(os.path.join(exchange, 'io.npz')) as io:
     images = torch.from_numpy(io['images']).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     our_logits = io['logits']
@@ -246,7 +260,7 @@ def timm_run(job: dict) -> dict:
         run_model(images)
   else:
     model.train()
-    labels = torch.from_numpy(np.random.default_rng(0).integers(0, kwargs['num_classes'], images.shape[0]))
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, our_logits.shape[-1], images.shape[0]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1)
 
     def call():
@@ -294,55 +308,101 @@ def _to_bool(values):
   return [v.lower() in ('1', 'true', 'yes') for v in values]
 
 
+def _shapes(variant: str) -> list:
+  """(image size, batch, channels, classes) rows of a variant: the flags' sizes for a named variant (ImageNet's
+  3 channels and 1000 classes), a config file's own settings and dataset shape for a config file."""
+  if not _is_config_file(variant):
+    return [(size, batch, 3, 1000) for size, batch in itertools.product(map(int, _IMAGE_SIZES.value),
+                                                                         map(int, _BATCH_SIZES.value))]
+  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: driver only)
+  from vit_jax.datasets import embedded  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(variant)
+  # The dataset's declared features (nothing is read or built): channels and classes.
+  with tempfile.TemporaryDirectory() as data_dir:
+    builder = (embedded.BUILDERS[config.dataset](data_dir=data_dir) if config.dataset in embedded.BUILDERS
+               else input_pipeline.tfds.builder(config.dataset, data_dir=data_dir))
+    features = builder.info.features
+    return [(config.image_size, config.batch_size, features['image'].shape[-1] or 3,
+             features['label'].num_classes)]
+
+
+def _spread(values: list) -> str:
+  number = lambda v: f'{v:.0f}' if v >= 100 else f'{v:.3g}'
+  return f'{number(min(values))}-{number(max(values))}' if len(values) > 1 else ''
+
+
 def measure_speed() -> list:
   peak = run_worker({'kind': 'matmul'})
   print(f'Machine: {peak["device_kind"]} ({peak["backend"]}, {peak["devices"]} device(s)), {os.cpu_count()} '
         f'CPUs; fp32 matmul {peak["size"]}^3: {peak["flops_per_s"] / 1e9:.1f} GFLOP/s (the peak below).')
-  header = (f'{"variant":9} {"size":>4} {"batch":>5} {"mode":9} {"impl":12} {"kernel":8} {"img/s":>7} {"compile s":>9} '
-            f'{"GFLOP/img":>9} {"GFLOP/s":>7} {"of peak":>7} {"XLA GiB":>7} {"RSS GiB":>7} {"ours/them":>9}')
+  header = (f'{"variant":10} {"size":>4} {"batch":>5} {"mode":9} {"impl":20} {"kernel":11} {"img/s":>7} '
+            f'{"spread":>11} {"compile s":>9} {"GFLOP/img":>9} {"GFLOP/s":>7} {"of peak":>7} {"XLA GiB":>7} '
+            f'{"RSS GiB":>7} {"ours/them":>9}')
   print(header)
+  for impl in _COMPARE.value:
+    if impl not in ('timm', 'timm_compile'):
+      raise app.UsageError(f'Unknown --compare {impl!r}: choose timm and/or timm_compile.')
+  for mode in _MODES.value:
+    if mode not in ('inference', 'train'):
+      raise app.UsageError(f'Unknown mode {mode!r}: choose inference and/or train.')
+  for cpu_matmul in _CPU_MATMULS.value:
+    if cpu_matmul not in ('onednn', 'xla'):
+      raise app.UsageError(f'Unknown --cpu_matmul {cpu_matmul!r}: choose onednn and/or xla.')
   results = [dict(peak)]
-  for variant, size, batch, remat, scan in itertools.product(
-      _VARIANTS.value, map(int, _IMAGE_SIZES.value), map(int, _BATCH_SIZES.value), _to_bool(_REMAT.value),
-      _to_bool(_SCAN.value)):
-    with tempfile.TemporaryDirectory() as exchange:
-      if _COMPARE.value:  # The timm workers (either mode) load our weights, images and logits from here.
-        run_worker(dict(kind='jax_inference', variant=variant, image_size=size, batch=batch, dtype=_DTYPE.value,
-                        exchange=exchange))
-      for mode in _MODES.value:
-        if mode not in ('inference', 'train'):
-          raise app.UsageError(f'Unknown mode {mode!r}: choose inference and/or train.')
-        job = dict(variant=variant, image_size=size, batch=batch, dtype=_DTYPE.value, remat=remat, scan=scan,
-                   repeats=_REPEATS.value, warmup=_WARMUP.value, mode=mode)
-        ours = run_worker({**job, 'kind': f'jax_{mode}'})
-        if scan:  # XLA's cost analysis counts a loop body once: take the FLOPs of the unrolled twin.
-          ours['flops'] = run_worker({**job, 'kind': f'jax_{mode}', 'scan': False, 'flops_only': True})['flops']
-        flops_per_image = ours['flops'] / batch
-        rows = [('vit_jax' + ('+scan' if scan else '') + ('+remat' if remat else ''), ours)]
-        for impl in _COMPARE.value:
-          if impl not in ('timm', 'timm_compile'):
-            raise app.UsageError(f'Unknown --compare {impl!r}: choose timm and/or timm_compile.')
-          rows.append((impl, run_worker({**job, 'kind': 'timm', 'exchange': exchange, 'threads': _THREADS.value,
-                                         'compile': impl == 'timm_compile'})))
-        for impl, result in rows:
-          images_per_s = batch / result['seconds']
-          flops_per_s = flops_per_image * images_per_s
-          result.update(variant=variant, image_size=size, batch=batch, mode=mode, impl=impl,
-                        dtype=_DTYPE.value, images_per_s=images_per_s, flops_per_image=flops_per_image,
-                        flops_per_s=flops_per_s, of_peak=flops_per_s / peak['flops_per_s'])
-          ratio = '' if impl.startswith('timm') else ' / '.join(
-              f'{images_per_s / (batch / other["seconds"]):.2f}x' for name, other in rows[1:])
-          xla = result.get('temp_gib', 0) + result.get('argument_gib', 0) + result.get('output_gib', 0)
-          result.setdefault('kernel', 'torch')  # timm: PyTorch's CPU matmul (MKL or oneDNN, its choice).
-          print(f'{variant:9} {size:4d} {batch:5d} {mode:9} {impl:12} {result["kernel"]:8} {images_per_s:7.2f} '
-                f'{result["compile_s"]:9.1f} {flops_per_image / 1e9:9.2f} {flops_per_s / 1e9:7.1f} '
-                f'{result["of_peak"]:7.1%} {(f"{xla:.2f}" if xla else "-"):>7} {result["peak_rss_gib"]:7.2f} '
-                f'{ratio:>9}', flush=True)
-          if 'max_logit_diff' in result:
-            if result['max_logit_diff'] > 1e-3 * max(result['max_logit'], 1.0):
-              raise RuntimeError(f'{impl} does not compute our function: logits differ by '
-                                 f'{result["max_logit_diff"]:.2e} (largest logit {result["max_logit"]:.2e}).')
-          results.append(result)
+  for variant, remat, scan in itertools.product(_VARIANTS.value, _to_bool(_REMAT.value), _to_bool(_SCAN.value)):
+    for size, batch, channels, classes in _shapes(variant):
+      shape = dict(variant=variant, image_size=size, batch=batch, channels=channels, classes=classes,
+                   dtype=_DTYPE.value)
+      with tempfile.TemporaryDirectory() as exchange:
+        if _COMPARE.value:  # The timm workers (either mode) load our weights, images and logits from here.
+          run_worker(dict(kind='jax_inference', exchange=exchange, **shape))
+        for mode in _MODES.value:
+          results += _measure_rows(dict(shape, remat=remat, scan=scan, repeats=_REPEATS.value,
+                                        warmup=_WARMUP.value, mode=mode), exchange, peak)
+  return results
+
+
+def _measure_rows(job: dict, exchange: str, peak: dict) -> list:
+  """One mode of one shape: ours under each --cpu_matmul and each --compare implementation, taking turns for
+  --rounds rounds (so that a machine's drift falls on all of them alike)."""
+  name = 'vit_jax' + ('+scan' if job['scan'] else '') + ('+remat' if job['remat'] else '')
+  rows = [(f'{name}[{cpu_matmul}]', {**job, 'kind': f'jax_{job["mode"]}', 'cpu_matmul': cpu_matmul})
+          for cpu_matmul in _CPU_MATMULS.value]
+  rows += [(impl, {**job, 'kind': 'timm', 'exchange': exchange, 'threads': _THREADS.value,
+                   'compile': impl == 'timm_compile'}) for impl in _COMPARE.value]
+  measured = {impl: [] for impl, _ in rows}
+  for _ in range(_ROUNDS.value):
+    for impl, worker_job in rows:
+      measured[impl].append(run_worker(worker_job))
+  flops = measured[rows[0][0]][0]['flops']
+  if job['scan']:  # XLA's cost analysis counts a loop body once: take the FLOPs of the unrolled twin.
+    flops = run_worker({**rows[0][1], 'scan': False, 'flops_only': True})['flops']
+  batch = job['batch']
+  flops_per_image = flops / batch
+  speeds = {impl: statistics.median(batch / r['seconds'] for r in runs) for impl, runs in measured.items()}
+  ours = [impl for impl, _ in rows if impl.startswith('vit_jax')]
+  results = []
+  for impl, runs in measured.items():
+    result = dict(runs[len(runs) // 2])  # Memory, compile time and logit check of one of its runs.
+    images_per_s = speeds[impl]
+    flops_per_s = flops_per_image * images_per_s
+    result.update(variant=job['variant'], image_size=job['image_size'], batch=batch, mode=job['mode'], impl=impl,
+                  dtype=job['dtype'], images_per_s=images_per_s, rounds=[batch / r['seconds'] for r in runs],
+                  peak_rss_gib=max(r['peak_rss_gib'] for r in runs), flops_per_image=flops_per_image,
+                  flops_per_s=flops_per_s, of_peak=flops_per_s / peak['flops_per_s'])
+    result.setdefault('kernel', 'torch')  # timm: PyTorch's CPU matmul (MKL or oneDNN, its choice).
+    ratio = ' / '.join(f'{images_per_s / speeds[other]:.2f}x' for other in speeds if other not in ours)
+    ratio = ratio if impl in ours else ''
+    xla = result.get('temp_gib', 0) + result.get('argument_gib', 0) + result.get('output_gib', 0)
+    print(f'{os.path.basename(job["variant"]):10} {job["image_size"]:4d} {batch:5d} {job["mode"]:9} {impl:20} '
+          f'{result["kernel"]:11} {images_per_s:7.2f} {_spread(result["rounds"]):>11} {result["compile_s"]:9.1f} '
+          f'{flops_per_image / 1e9:9.2f} {flops_per_s / 1e9:7.1f} {result["of_peak"]:7.1%} '
+          f'{(f"{xla:.2f}" if xla else "-"):>7} {result["peak_rss_gib"]:7.2f} {ratio:>9}', flush=True)
+    if 'max_logit_diff' in result and result['max_logit_diff'] > 1e-3 * max(result['max_logit'], 1.0):
+      raise RuntimeError(f'{impl} does not compute our function: logits differ by {result["max_logit_diff"]:.2e} '
+                         f'(largest logit {result["max_logit"]:.2e}).')
+    results.append(result)
   return results
 
 

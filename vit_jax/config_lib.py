@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   # One device is the default: it needs no collective, and its steps run on the calling thread (BENCHMARKS.md
   # compares the two). A device count in XLA_FLAGS (--xla_force_host_platform_device_count) wins over it.
   config.cpu_devices = config_dict.placeholder(int)
+  # Runs on CPUs only: the library of the compiled steps' matmuls. 'onednn': each dot handed to oneDNN (faster
+  # at ViT's shapes, BENCHMARKS.md "CPU dot kernel"); 'xla': XLA:CPU's default dot (YNNPACK/Eigen).
+  config.cpu_matmul = 'onednn'
 
   # Fine-tuning: start from a published-layout .npz or a vit_jax workdir instead of random weights (only when
   # the workdir has no checkpoint yet; a restart resumes as usual). The head is re-initialised unless
@@ -134,6 +137,7 @@ OBJECTIVES = ('classification', 'masked_patches')
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('linear', 'cosine')
 DTYPES = ('float32', 'bfloat16')
+CPU_MATMULS = ('onednn', 'xla')
 CLASSIFIERS = ('token', 'gap')
 # 'relative': no absolute embedding; each attention layer adds a learned bias per head and 2-D offset between
 # the query and key patches to its logits (paper Appendix D.4).
@@ -157,7 +161,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(message)
 
   for field, choices in (('objective', OBJECTIVES), ('optimizer', OPTIMIZERS), ('schedule', SCHEDULES),
-                         ('dtype', DTYPES)):
+                         ('dtype', DTYPES), ('cpu_matmul', CPU_MATMULS)):
     check(config[field] in choices, f'Unknown {field} {config[field]!r}: choose one of {", ".join(choices)} '
                                     f'(--config.{field}=...).')
   check(config.lr is not None and config.lr > 0,
@@ -233,10 +237,10 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None
 
 
 # What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates,
-# checkpoints and what it profiles, where it reads the data, how it lays out devices. Anything else would
-# silently continue the recorded run under other settings.
+# checkpoints and what it profiles, where it reads the data, how it lays out devices, which CPU matmul library
+# runs. Anything else would silently continue the recorded run under other settings.
 RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                     'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'eval_batch_size')
+                     'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'cpu_matmul', 'eval_batch_size')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

@@ -9,6 +9,7 @@ first, so that a run gets the same host wherever it starts:
 The measurements behind these choices are in BENCHMARKS.md ("Host setup on CPU").
 """
 import ctypes
+import functools
 import importlib.util
 import os
 import pkgutil
@@ -17,6 +18,7 @@ from typing import Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 
 from vit_jax import errors
 
@@ -63,6 +65,34 @@ def keep_freed_buffers_mapped() -> bool:
     return False  # Not glibc (macOS, musl): nothing to tune.
   return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) and
               libc.mallopt(_M_TOP_PAD, _INT_MAX))
+
+
+# Each dot handed to oneDNN alone. Not fused with its neighbours (LIBRARY_FUSION_TYPE_DOT): jaxlib 0.10.2
+# aborts on a oneDNN fusion of a dot, a bias add and a square, which every GELU backward pass holds
+# (tests/onednn_abort_repro.py).
+ONEDNN_DOT = {'xla_cpu_use_onednn': True,
+              'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_dot_available() -> bool:
+  """Whether this jaxlib takes the oneDNN options (other versions may name them differently)."""
+  try:
+    jax.jit(jnp.matmul, compiler_options=ONEDNN_DOT).lower(jnp.ones((2, 2)), jnp.ones((2, 2))).compile()
+  except jax.errors.JaxRuntimeError as e:
+    logging.warning('This jaxlib does not take the oneDNN dot options (%s): XLA:CPU\'s default dot runs.', e)
+    return False
+  return True
+
+
+def compiler_options(cpu_matmul: str = 'onednn') -> Optional[dict]:
+  """XLA compiler options for a jitted step: oneDNN dots when `cpu_matmul` is 'onednn' (`config.cpu_matmul`)
+  and the backend is the CPU; None (XLA's defaults) otherwise. Accelerators are left alone."""
+  if cpu_matmul not in ('onednn', 'xla'):
+    raise errors.ConfigError(f'Unknown cpu_matmul {cpu_matmul!r}: choose onednn or xla (--config.cpu_matmul=...).')
+  if cpu_matmul == 'xla' or jax.default_backend() != 'cpu' or not _onednn_dot_available():
+    return None
+  return dict(ONEDNN_DOT)
 
 
 def setup(config=None, cpu_devices: Optional[int] = None) -> dict:

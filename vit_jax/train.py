@@ -28,6 +28,7 @@ from vit_jax import checkpoints
 from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import flops
+from vit_jax import host_cpu
 from vit_jax import models
 from vit_jax import objectives
 from vit_jax import paths
@@ -159,13 +160,15 @@ def jit_train_step(model, optimizer, objective, config, mesh: Mesh, state_shardi
                                          dropout_key=jax.random.PRNGKey(config.seed + 1),
                                          accum_steps=config.accum_steps, ema_decay=config.ema_decay)
   return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0,
+                 compiler_options=host_cpu.compiler_options(config.cpu_matmul))
 
 
-def jit_eval_step(model, objective, mesh: Mesh, params_sharding) -> Callable:
+def jit_eval_step(model, objective, config, mesh: Mesh, params_sharding) -> Callable:
   return jax.jit(lambda params, batch: eval_step(params, batch, model=model, objective=objective),
                  in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh),
+                 compiler_options=host_cpu.compiler_options(config.cpu_matmul))
 
 
 def abstract_train_inputs(model, optimizer, objective, image_shape, batch_size: int, mesh: Mesh,
@@ -226,7 +229,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int, num_s
                     abstract_state=abstract_state, abstract_batch=abstract_batch,
                     state_sharding=state_sharding,
                     train_fn=jit_train_step(model, optimizer, objective, config, mesh, state_sharding),
-                    eval_fn=jit_eval_step(model, objective, mesh, state_sharding.params))
+                    eval_fn=jit_eval_step(model, objective, config, mesh, state_sharding.params))
 
 
 class ProgressLogger:
