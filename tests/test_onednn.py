@@ -1,13 +1,23 @@
-"""XLA:CPU's oneDNN dot (issue: "Performance, second attempt"): what aborts, kept as a check that turns green
-when jaxlib is fixed."""
+"""XLA:CPU's oneDNN dot: the fused form that aborts (kept as a check that turns green when jaxlib is fixed), and
+the unfused form `config.cpu_matmul='onednn'` uses, checked against XLA's default dot on every kind of model."""
 import os
 import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from conftest import load_config
 from conftest import ROOT
+from vit_jax import benchmark
+from vit_jax import config_lib
+from vit_jax import errors
+from vit_jax import host_cpu
+from vit_jax import sharding
+from vit_jax import train
 
 
 def test_the_onednn_dot_fusion_with_a_biased_square_aborts_until_jaxlib_is_fixed():
@@ -22,3 +32,81 @@ def test_the_onednn_dot_fusion_with_a_biased_square_aborts_until_jaxlib_is_fixed
                  '("partition compile failed", SIGILL)')
   difference = float(re.search(r'largest difference to the default kernel: (\S+)', result.stdout)[1])
   assert difference < 1e-3  # Fixed: then it must also compute the same function.
+
+
+def _relative_difference(ours, reference) -> float:
+  """Largest difference over the largest reference value, both over the whole tree (a leaf that is zero in
+  exact arithmetic, as the key biases' gradients are, holds rounding noise only)."""
+  leaves = [(a.astype(jnp.float32), b.astype(jnp.float32))
+            for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference))]
+  return (max(float(jnp.max(jnp.abs(a - b))) for a, b in leaves) /
+          max(float(jnp.max(jnp.abs(b))) for _, b in leaves))
+
+
+# Every kind of model and step the project trains, each small: what `config.cpu_matmul='onednn'` must compile,
+# run (no abort) and compute as XLA's default dot does.
+KINDS = {
+    'default (conv stem, [CLS], 1-D posemb)': ('default.py', {}),
+    'GAP, sin-cos posemb': ('digits.py', {'model.posemb': 'sincos_2d'}),
+    'relative posemb, scan, remat, accumulation': ('digits.py', {'model.posemb': 'relative', 'model.scan': True,
+                                                                 'model.remat': True, 'accum_steps': 2}),
+    'R50 hybrid': ('digits.py', {'model.name': 'R50+ViT-Ti/16', 'model.resnet_layers': (1, 1, 1),
+                                 'image_size': 32, 'batch_size': 8}),
+    'masked patches': ('vit_mu7.py', {'objective': 'masked_patches'}),
+    'bfloat16': ('digits.py', {'dtype': 'bfloat16'}),
+}
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_onednn_dots_compute_xla_s_logits_gradients_and_train_step(kind):
+  name, overrides = KINDS[kind]
+  config = config_lib.override(load_config(name), {'model.num_layers': 2, 'batch_size': 16, **overrides})
+  channels = 1 if name in ('default.py', 'vit_mu7.py') else 3
+  mesh = sharding.make_mesh(config.mesh)
+  runs = {matmul: train.setup(config_lib.override(config, {'cpu_matmul': matmul}), mesh, num_classes=10,
+                              num_steps=10_000, channels=channels) for matmul in ('xla', 'onednn')}
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  batch = {'image': rng.uniform(-1, 1, (config.batch_size, size, size, channels)).astype(np.float32),
+           'label': rng.integers(0, 10, config.batch_size).astype(np.int32)}
+  state = runs['xla'].init_state(jax.random.PRNGKey(0))
+  # Noise on every weight: the head starts at zero, and zero logits would agree whatever the kernel.
+  noise = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(state.params)))
+  leaves, tree = jax.tree.flatten(state.params)
+  state = state.replace(params=jax.tree.unflatten(tree, [
+      p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, noise)]))
+  tolerance = 3e-2 if config.dtype == 'bfloat16' else 1e-5  # bf16: one rounding of a bf16 output apart.
+
+  # The inference path: the eval step's sums, and the logits themselves.
+  sums = {m: run.eval_fn(state.params, sharding.to_global_batch({**batch, 'mask': np.ones(len(batch['label']),
+                                                                                            bool)}, mesh))
+          for m, run in runs.items()}
+  assert _relative_difference(sums['onednn'], sums['xla']) < tolerance
+  if config.objective == 'classification':
+    logits = {m: jax.jit(lambda p, x: runs[m].model.apply({'params': p}, x),
+                         compiler_options=host_cpu.compiler_options(m))(state.params, batch['image'])
+              for m in runs}
+    assert _relative_difference(logits['onednn'], logits['xla']) < tolerance
+
+  # Gradients of the training loss, computed by each kernel.
+  def grads(matmul):
+    run = runs[matmul]
+    loss = lambda p: run.objective.train_loss(run.model, p, batch, jax.random.PRNGKey(1))[0]
+    return jax.jit(jax.grad(loss), compiler_options=host_cpu.compiler_options(matmul))(state.params)
+  assert _relative_difference(grads('onednn'), grads('xla')) < (tolerance if config.dtype == 'float32' else 0.1)
+
+  # The whole train step compiles with oneDNN's dots (XLA's runs Eigen or YNNPACK) and runs.
+  global_batch = sharding.to_global_batch(batch, mesh)
+  compiled = {m: run.train_fn.lower(state, global_batch).compile() for m, run in runs.items()}
+  assert 'onednn' in benchmark.dot_kernels(compiled['onednn'].as_text(), 'cpu')
+  assert 'onednn' not in benchmark.dot_kernels(compiled['xla'].as_text(), 'cpu')
+  losses = {m: float(compiled[m](jax.tree.map(jnp.copy, state), global_batch)[1]['loss']) for m in runs}
+  assert losses['onednn'] == pytest.approx(losses['xla'], rel=tolerance)
+
+
+def test_cpu_matmul_setting_is_checked_and_off_on_request():
+  assert host_cpu.compiler_options('onednn') == host_cpu.ONEDNN_DOT
+  assert host_cpu.compiler_options('xla') is None
+  config = config_lib.override(load_config('digits.py'), {'cpu_matmul': 'mkl'})
+  with pytest.raises(errors.ConfigError, match=r"Unknown cpu_matmul 'mkl'.*onednn, xla.*--config.cpu_matmul"):
+    config_lib.validate(config)

@@ -395,7 +395,8 @@ def _measure_rows(job: dict, exchange: str, peak: dict) -> list:
     ratio = ' / '.join(f'{images_per_s / speeds[other]:.2f}x' for other in speeds if other not in ours)
     ratio = ratio if impl in ours else ''
     xla = result.get('temp_gib', 0) + result.get('argument_gib', 0) + result.get('output_gib', 0)
-    print(f'{os.path.basename(job["variant"]):10} {job["image_size"]:4d} {batch:5d} {job["mode"]:9} {impl:20} '
+    variant = os.path.basename(job['variant']) if _is_config_file(job['variant']) else job['variant']
+    print(f'{variant:10} {job["image_size"]:4d} {batch:5d} {job["mode"]:9} {impl:20} '
           f'{result["kernel"]:11} {images_per_s:7.2f} {_spread(result["rounds"]):>11} {result["compile_s"]:9.1f} '
           f'{flops_per_image / 1e9:9.2f} {flops_per_s / 1e9:7.1f} {result["of_peak"]:7.1%} '
           f'{(f"{xla:.2f}" if xla else "-"):>7} {result["peak_rss_gib"]:7.2f} {ratio:>9}', flush=True)
