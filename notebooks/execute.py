@@ -16,7 +16,7 @@ import nbclient
 import nbformat
 
 NOTEBOOK_DIR = os.path.dirname(os.path.abspath(__file__))
-NOTEBOOKS = ('classify_and_attention', 'finetune_image_folder', 'analysis_figures')
+NOTEBOOKS = ('classify_and_attention', 'finetune_image_folder', 'analysis_figures', 'transfer_small_dataset')
 
 
 def execute(name: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-NOTEBOOKS = ['classify_and_attention', 'finetune_image_folder', 'analysis_figures']
+NOTEBOOKS = ['classify_and_attention', 'finetune_image_folder', 'analysis_figures', 'transfer_small_dataset']
 
 
 @pytest.mark.slow

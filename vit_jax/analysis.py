@@ -1,6 +1,7 @@
 """What a trained ViT learned (paper Sec. 4.5, Fig. 6-7, Appendix D.7-D.8), from its parameters and its
 attention weights. Plain numpy/JAX functions; `vit_jax.analyze` draws them.
 
+- `logits`: the model's predictions, jitted as the eval step is;
 - `attention_weights`: per-layer attention of a model on images, from the weights its attention layers sow
   (no second model definition);
 - `attention_rollout`: attention rollout (Abnar & Zuidema, 2020): heads averaged, identity added for the
@@ -18,6 +19,12 @@ import numpy as np
 
 from vit_jax import host_cpu
 from vit_jax import models
+
+
+def logits(model: models.VisionTransformer, params, images, cpu_matmul: str = 'onednn') -> np.ndarray:
+  """(batch, classes) logits of `model` on `images` (eval mode), jitted with the CPU matmul library chosen."""
+  apply = jax.jit(model.apply, compiler_options=host_cpu.compiler_options(cpu_matmul))
+  return np.asarray(apply({'params': params}, images))
 
 
 def attention_weights(model: models.VisionTransformer, params, images,

@@ -14,7 +14,6 @@ import json
 
 from absl import app
 from absl import flags
-import jax
 import matplotlib.pyplot as plt  # Without a display, matplotlib picks its file-only backend itself.
 import numpy as np
 
@@ -141,7 +140,7 @@ def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
   images, labels = load_test_images(config, num_images)
   cpu_matmul = config.get('cpu_matmul', 'onednn')  # Workdirs recorded before the field existed: the default.
   weights = analysis.attention_weights(model, params, images, cpu_matmul)
-  logits = jax.jit(model.apply, compiler_options=host_cpu.compiler_options(cpu_matmul))({'params': params}, images)
+  logits = analysis.logits(model, params, images, cpu_matmul)
   grid = model.token_grid((config.image_size, config.image_size))
   prefix = 1 if model.classifier == 'token' else 0
   rollout = analysis.attention_rollout(weights, prefix, grid)
