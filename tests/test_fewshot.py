@@ -48,6 +48,21 @@ def test_shots_are_seeded_balanced_and_differ_between_draws():
     fewshot.choose_shots(labels, 1000, seed=0)
 
 
+def test_regularisation_is_chosen_on_training_examples_never_on_the_test_split():
+  rng = np.random.default_rng(4)
+  train_x, train_y = _clusters(rng, 5, 60, 32, spread=12.0)  # Overlapping classes: the choice matters.
+  test_x, test_y = _clusters(np.random.default_rng(4), 5, 60, 32, spread=12.0)
+  results = fewshot.few_shot_accuracy(train_x, train_y, test_x, test_y, 5, shots=(2, 10), draws=4)
+  shuffled = fewshot.few_shot_accuracy(train_x, train_y, test_x, rng.permutation(test_y), 5, shots=(2, 10),
+                                       draws=4)
+  for k in (2, 10):
+    assert results[k]['l2_regs'] == shuffled[k]['l2_regs']  # Test labels do not move the choice.
+    assert set(results[k]['l2_regs']) <= set(fewshot.L2_REGS)
+  # With one candidate there is nothing to choose.
+  single = fewshot.few_shot_accuracy(train_x, train_y, test_x, test_y, 5, shots=(2,), draws=2, l2_regs=(0.5,))
+  assert single[2]['l2_regs'] == [0.5, 0.5]
+
+
 def test_least_squares_fit_is_the_closed_form_in_both_shapes():
   """The n x n route (few shots, wide features) and the d x d route give the same classifier."""
   rng = np.random.default_rng(3)

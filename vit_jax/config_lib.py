@@ -93,7 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,
       pool=1000,  # The shots come from the task's first `pool` training examples (VTAB-1k-like).
       max_test=config_dict.placeholder(int),  # Test examples scored (None: the whole test split).
-      l2_reg=1e-3,  # Of the least-squares fit, on features centred and scaled to unit mean squared norm.
+      # Regularisation of the least-squares fit (features centred, scaled to unit mean squared norm): each
+      # draw takes the one that scores best on the pool's examples it did not draw.
+      l2_regs=(1e-3, 1e-2, 0.1, 1.0, 10.0),
       batch_size=256,  # Images per feature-extraction call (a multiple of the device count).
       every_steps=config_dict.placeholder(int),
   ))
@@ -200,10 +202,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
         f'config.profile_steps={steps}: give (first, last) with 1 <= first <= last, or () for no trace.')
   fewshot = config.fewshot
-  check(all(k >= 1 for k in fewshot.shots) and fewshot.draws >= 1 and fewshot.l2_reg > 0 and
-        (fewshot.every_steps is None or fewshot.every_steps >= 1),
-        f'config.fewshot: shots {tuple(fewshot.shots)} and draws {fewshot.draws} must be at least 1, l2_reg '
-        f'{fewshot.l2_reg} positive, every_steps {fewshot.every_steps} at least 1 (or None: at the end).')
+  check(all(k >= 1 for k in fewshot.shots) and fewshot.draws >= 1 and len(fewshot.l2_regs) >= 1 and
+        all(l2 > 0 for l2 in fewshot.l2_regs) and (fewshot.every_steps is None or fewshot.every_steps >= 1),
+        f'config.fewshot: shots {tuple(fewshot.shots)} and draws {fewshot.draws} must be at least 1, l2_regs '
+        f'{tuple(fewshot.l2_regs)} positive, every_steps {fewshot.every_steps} at least 1 (or None: at the end).')
   for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     check(config[field] >= 1, f'config.{field}={config[field]} must be at least 1.')
   check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
