@@ -23,7 +23,7 @@ def test_benchmark_reports_speed_flops_and_memory_side_by_side(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.benchmark', '--variants=ViT-mu/4', '--image_sizes=16', '--batch_sizes=4',
        '--modes=train,inference',  # train first: its timm worker must not depend on an inference row's files
-       '--repeats=2', '--warmup=1', f'--json={out}', *compare],
+       '--repeats=2', '--warmup=1', '--rounds=2', '--cpu_matmul=xla,onednn', f'--json={out}', *compare],
       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'GFLOP/s (the peak below)' in result.stdout
@@ -31,10 +31,14 @@ def test_benchmark_reports_speed_flops_and_memory_side_by_side(tmp_path):
   peak = records[0]
   assert peak['kind'] == 'matmul' and peak['flops_per_s'] > 1e8
   rows = {(r['impl'], r['mode']): r for r in records[1:]}
-  assert {('vit_jax', 'inference'), ('vit_jax', 'train')} <= set(rows)
+  assert {(f'vit_jax[{m}]', mode) for m in ('xla', 'onednn') for mode in ('inference', 'train')} <= set(rows)
+  for mode in ('inference', 'train'):  # Each library ran its own kernel, measured in alternating rounds.
+    assert 'onednn' in rows['vit_jax[onednn]', mode]['kernel']
+    assert 'onednn' not in rows['vit_jax[xla]', mode]['kernel']
+    assert len(rows['vit_jax[onednn]', mode]['rounds']) == 2
   # ViT-mu/4 at 16px: 16 patches + [CLS], width 128, MLP 256, 6 layers, 1000 classes.
   expected = _analytic_forward_flops(17, 128, 256, 6, 4, 3, 1000)
-  inference, training = rows['vit_jax', 'inference'], rows['vit_jax', 'train']
+  inference, training = rows['vit_jax[onednn]', 'inference'], rows['vit_jax[onednn]', 'train']
   assert 1.0 <= inference['flops_per_image'] / expected < 1.3  # XLA also counts softmax, GELU, LayerNorm.
   assert 2.5 < training['flops_per_image'] / inference['flops_per_image'] < 4.0  # Backward ~ 2x forward.
   for row in (inference, training):
