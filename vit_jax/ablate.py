@@ -4,8 +4,8 @@
 
 Each run is an ordinary `vit_jax.main` run in `<workdir>/<study>/<row>/seed_<n>`: an interrupted study
 resumes (a finished run's result is read back, an unfinished one continues from its checkpoint). Writes
-`<out>/<study>.json` and `<out>/<study>.md`, and for studies over training-set sizes `<out>/<study>.png`
-(accuracy against size, one line per model). The host is set up once, as `vit_jax.main` sets it up
+`<out>/<study>.json` and `<out>/<study>.md`, and for studies whose rows name a `series` `<out>/<study>.png`
+(test accuracy against the rows' `train_size`, one line per series). The host is set up once, as `vit_jax.main` sets it up
 (`host_cpu.setup`), so `--set=cpu_devices=N` applies to every row.
 """
 import json
@@ -31,7 +31,8 @@ DEFAULT_STUDIES = os.path.join(os.path.dirname(__file__), '..', 'configs', 'abla
 def define_flags() -> None:
   """The command line; defined only when run as a program, so that importing this module as a library next
   to `vit_jax.main` (which has --config and --workdir too) does not clash."""
-  flags.DEFINE_string('study', None, 'A study of the config file: classifier, posemb, data_scale, masked_patches.')
+  flags.DEFINE_string('study', None, 'A study of the config file (a key of its STUDIES, e.g. posemb, classifier, '
+                      'data_scale, masked_patches, transfer, upstream_scale).')
   flags.DEFINE_string('config', DEFAULT_STUDIES, 'Config file with get_config() (the base) and STUDIES (the rows).')
   flags.DEFINE_string('workdir', None, 'Where the runs go (one workdir per row and seed).')
   flags.DEFINE_string('out', None, 'Where the table (and plot) go; default: the workdir.')
@@ -189,16 +190,19 @@ def markdown_table(study: str, lines: List[dict], command: str) -> str:
   return '\n'.join(out) + '\n'
 
 
-def plot_data_scale(lines: List[dict], path: str) -> None:
-  """Test accuracy against `train_size`, one line per `series` (rows without a series are not drawn)."""
+def plot_series(lines: List[dict], path: str) -> None:
+  """Test accuracy against `train_size`, one line per `series` (rows without a series are not drawn); error
+  bars span one standard deviation over seeds where there are several."""
   lines = [line for line in lines if 'series' in line]
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   figure, axis = plt.subplots(figsize=(5, 3.5))
   for series in dict.fromkeys(line['series'] for line in lines):
-    points = sorted((line['train_size'], line['mean']) for line in lines if line['series'] == series)
-    axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker='o', label=series)
+    points = sorted((line['train_size'], line['mean'], line['std'] or 0.0)
+                    for line in lines if line['series'] == series)
+    axis.errorbar([p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
+                  marker='o', capsize=3, label=series)
   axis.set_xscale('log')
   axis.set_xlabel(lines[0].get('x_label', 'training images'))
   axis.set_ylabel('test accuracy (%)')
@@ -238,7 +242,7 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
                    json.dumps({'study': study, 'command': command, 'runs': results, 'rows': lines}, indent=1))
   paths.write_text(paths.join(out, f'{study}.md'), markdown_table(study, lines, command))
   if any('series' in line for line in lines):
-    plot_data_scale(lines, paths.join(out, f'{study}.png'))
+    plot_series(lines, paths.join(out, f'{study}.png'))
   return lines
 
 
