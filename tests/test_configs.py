@@ -1,6 +1,7 @@
 """Every config file loads, takes command-line overrides, and its train step compiles from abstract shapes;
 `config_lib.validate` names what is wrong with a config before anything starts."""
 import glob
+import json
 import os
 import time
 
@@ -132,6 +133,20 @@ def test_a_workdir_resumes_only_under_its_own_config_or_a_longer_schedule(tmp_pa
   with pytest.raises(errors.WorkdirError, match='config.json is unreadable'):
     config_lib.check_resumable(other, str(tmp_path / 'lost'))
   config_lib.check_resumable(other, str(tmp_path / 'lost'), adopt=True)
+
+
+def test_a_workdir_recorded_before_newer_fields_reads_with_their_defaults(tmp_path):
+  recorded = load_config('default.py')
+  config_lib.save_workdir_config(recorded, str(tmp_path))
+  record = json.load(open(tmp_path / 'config.json'))
+  del record['fewshot'], record['cpu_matmul'], record['model']['scan']  # As a run of an older version wrote it.
+  record['lr'] = 3e-3
+  (tmp_path / 'config.json').write_text(json.dumps(record))
+  config = config_lib.load_workdir_config(str(tmp_path))
+  base = config_lib.base_config()
+  assert config.cpu_matmul == base.cpu_matmul and config.model.scan is False
+  assert dict(config.fewshot) == base.fewshot.to_dict()
+  assert config.lr == 3e-3 and config.model.conv_stem == (32,)  # What was recorded wins.
 
 
 def test_validate_names_every_bad_field_and_its_fix():

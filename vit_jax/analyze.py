@@ -131,16 +131,15 @@ def pixel_filters(params):
 
 def analyze(workdir: str, out: str, num_images: int = 64, step=None) -> dict:
   config = config_lib.load_workdir_config(workdir)
-  if config.get('objective', 'classification') != 'classification' or config.model.name.startswith('BiT-'):
+  if config.objective != 'classification' or config.model.name.startswith('BiT-'):
     raise errors.WorkdirError(f'{workdir} holds a {config.model.name} run with objective '
-                              f'{config.get("objective", "classification")!r}: the figures are of ViT classifiers '
+                              f'{config.objective!r}: the figures are of ViT classifiers '
                               f'(fine-tune it first, or pick a classification run).')
   params, step = checkpoints.restore_params(workdir, step)
   model = models.from_config(config, params['head']['kernel'].shape[-1])
   images, labels = load_test_images(config, num_images)
-  cpu_matmul = config.get('cpu_matmul', 'onednn')  # Workdirs recorded before the field existed: the default.
-  weights = analysis.attention_weights(model, params, images, cpu_matmul)
-  logits = analysis.logits(model, params, images, cpu_matmul)
+  weights = analysis.attention_weights(model, params, images, config.cpu_matmul)
+  logits = analysis.logits(model, params, images, config.cpu_matmul)
   grid = model.token_grid((config.image_size, config.image_size))
   prefix = 1 if model.classifier == 'token' else 0
   rollout = analysis.attention_rollout(weights, prefix, grid)

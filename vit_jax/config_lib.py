@@ -316,13 +316,23 @@ def _read_workdir_json(workdir: str) -> dict:
   return record
 
 
+def _fill_missing(recorded: dict, defaults: dict) -> dict:
+  for key, value in defaults.items():
+    if key not in recorded:
+      recorded[key] = value
+    elif isinstance(value, dict) and isinstance(recorded[key], dict):
+      _fill_missing(recorded[key], value)
+  return recorded
+
+
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a `vit_jax.main` run recorded in its workdir."""
+  """The config a `vit_jax.main` run recorded in its workdir; fields added to the base config since the run
+  was recorded take their defaults, so readers (analyze, fewshot, export) see every field."""
   try:
-    config = ml_collections.ConfigDict(_read_workdir_json(workdir))
+    recorded = _read_workdir_json(workdir)
   except errors.WorkdirError as e:
     raise errors.WorkdirError(f'{e}: is {workdir!r} the workdir of a vit_jax.main run?') from None
-  for key, value in config.model.items():
-    if isinstance(value, list):  # JSON has no tuples; model fields must be hashable.
-      config.model[key] = tuple(value)
-  return config
+  # JSON has no tuples; model fields must be hashable (converted before the ConfigDict, which keeps a
+  # field's first type).
+  recorded['model'] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.get('model', {}).items()}
+  return ml_collections.ConfigDict(_fill_missing(recorded, base_config().to_dict()))

@@ -184,7 +184,7 @@ class Evaluator:
                tasks: Optional[Sequence[str]] = None):
     settings = config.fewshot
     self.settings = settings
-    self.extract = FeatureExtractor(model, mesh, settings.batch_size, config.get('cpu_matmul', 'onednn'))
+    self.extract = FeatureExtractor(model, mesh, settings.batch_size, config.cpu_matmul)
     self.tasks = [load_task(name, config.data_dir, config.image_size, channels, settings.pool, settings.max_test)
                   for name in (settings.tasks if tasks is None else tasks)]
 
@@ -244,10 +244,6 @@ def _load():
     raise app.UsageError('Give one of --workdir (a vit_jax.main run) or --npz (with --config).')
   if flags.FLAGS.workdir:
     config = config_lib.load_workdir_config(flags.FLAGS.workdir)
-    base = config_lib.base_config()
-    for field in ('fewshot', 'cpu_matmul', 'data_dir'):  # Workdirs recorded before these fields existed.
-      if field not in config:
-        config[field] = base[field]
     params, step = checkpoints.restore_params(flags.FLAGS.workdir, flags.FLAGS.step)
     logging.info('Few-shot evaluation of %s, step %d.', flags.FLAGS.workdir, step)
   else:
