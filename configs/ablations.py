@@ -106,11 +106,13 @@ TRANSFER = {
 UPSTREAM_FRACTIONS = (10, 30, 100)
 UPSTREAM_SCALE = {
     **{f'upstream on {pct}%': {**UPSTREAM, 'train_split': f'train[:{pct}%]', 'num_epochs': None,
-                               'total_steps': 2_000, 'shuffle_buffer': 42_000}
+                               'total_steps': 2_000, 'shuffle_buffer': 42_000,
+                               'train_size': 42_000 * pct // 100}
        for pct in UPSTREAM_FRACTIONS},
     **{f'{task}: fine-tuned from the {pct}% upstream': {
         **DOWNSTREAM, **fields, **FINE_TUNE, 'init_from': f'{{study_dir}}/upstream_on_{pct}/seed_{{seed}}',
-        'series': task, 'train_size': 42_000 * pct // 100, 'x_label': 'upstream training images'}
+        'series': f'{task}, fine-tuned', 'train_size': 42_000 * pct // 100,
+        'x_label': 'upstream training images'}
        for task, fields in TRANSFER_TASKS.items() for pct in UPSTREAM_FRACTIONS},
 }
 

@@ -48,6 +48,28 @@ def test_override_is_checked():
     config_lib.override(base, {'model.posemd': 'none'})
 
 
+def test_series_plot_adds_a_few_shot_panel_and_finished_runs_take_the_rows_description(tmp_path):
+  # A finished run is drawn as its row says now (the plot keys describe a result, they did not make it).
+  run_dir = tmp_path / 'upstream_on_10' / 'seed_0'
+  run_dir.mkdir(parents=True)
+  (run_dir / ablate.RESULT_FILE).write_text(json.dumps({'label': 'upstream on 10%', 'accuracy': 0.8,
+                                                        'series': 'old name'}))
+  finished = ablate.finished_result(str(tmp_path), 'upstream on 10%', 0, {'lr': 1.0, 'train_size': 4200})
+  assert finished == {'label': 'upstream on 10%', 'accuracy': 0.8, 'train_size': 4200}
+  assert ablate.finished_result(str(tmp_path), 'upstream on 30%', 0, {}) is None
+
+  def line(train_size, mean, **fields):
+    return {'train_size': train_size, 'mean': mean, 'std': 0.01, **fields}
+  tuned = [line(n, a, series='MNIST, fine-tuned') for n, a in ((4200, 0.84), (42000, 0.87))]
+  widths = {}
+  for name, upstream_fewshot in (('one', {}), ('two', {'fewshot/embedded_mnist/5shot': {'mean': 0.3, 'std': None},
+                                                     'fewshot/embedded_mnist/10shot': {'mean': 0.4, 'std': None}})):
+    upstream = [line(n, 0.8, fewshot=upstream_fewshot) for n in (4200, 42000)]
+    ablate.plot_series(upstream + tuned, str(tmp_path / f'{name}.png'))
+    widths[name] = matplotlib.image.imread(str(tmp_path / f'{name}.png')).shape[1]
+  assert widths['two'] > 1.8 * widths['one']  # The few-shot panel beside the fine-tuned one.
+
+
 STUDY_FILE = '''
 import os
 from vit_jax import config_lib

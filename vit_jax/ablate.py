@@ -64,12 +64,14 @@ def _parse_value(text: str):
 RESULT_FILE = 'ablate_result.json'
 
 
-def finished_result(study_dir: str, label: str, seed: int):
-  """The recorded result of a finished run of this row and seed, or None."""
+def finished_result(study_dir: str, label: str, seed: int, row: dict):
+  """The recorded result of a finished run of this row and seed, or None. How the row is drawn (PLOT_KEYS)
+  is taken from the row as it is now: it describes the result, it did not make it."""
   path = paths.join(study_dir, slug(label), f'seed_{seed}', RESULT_FILE)
   if not paths.exists(path):
     return None
-  return json.loads(paths.read_text(path))
+  result = {k: v for k, v in json.loads(paths.read_text(path)).items() if k not in PLOT_KEYS}
+  return {**result, **{k: row[k] for k in PLOT_KEYS if k in row}}
 
 
 def row_config(base, row: dict, seed: int, study_dir: str):
@@ -106,7 +108,7 @@ def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
   # TensorFlow comes with these: imported only when something is trained.
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
-  finished = finished_result(study_dir, label, seed)
+  finished = finished_result(study_dir, label, seed, row)
   if finished is not None:
     return finished
   workdir = paths.join(study_dir, slug(label), f'seed_{seed}')
@@ -190,24 +192,44 @@ def markdown_table(study: str, lines: List[dict], command: str) -> str:
   return '\n'.join(out) + '\n'
 
 
+FIGURE_SHOTS = 5  # The paper's Fig. 4 plots 5-shot linear accuracy against the pretraining data.
+
+
 def plot_series(lines: List[dict], path: str) -> None:
-  """Test accuracy against `train_size`, one line per `series` (rows without a series are not drawn); error
-  bars span one standard deviation over seeds where there are several."""
-  lines = [line for line in lines if 'series' in line]
+  """Test accuracy against `train_size`, one line per `series` (rows without a series are not drawn); where
+  rows with a `train_size` have few-shot results (the upstream runs of a transfer study), a second panel
+  draws each task's FIGURE_SHOTS-shot accuracy against the same axis. Error bars span one standard deviation
+  over seeds where there are several."""
+  series_lines = [line for line in lines if 'series' in line]
+  panels = [('test accuracy (%)', {series: [(line['train_size'], line['mean'], line['std'])
+                                            for line in series_lines if line['series'] == series]
+                                   for series in dict.fromkeys(line['series'] for line in series_lines)})]
+  shots = {}
+  for line in lines:
+    for key, value in line.get('fewshot', {}).items():
+      task, k = key.split('/')[1:]
+      if 'train_size' in line and k == f'{FIGURE_SHOTS}shot':
+        shots.setdefault(task.removeprefix('embedded_'), []).append(
+            (line['train_size'], value['mean'], value['std']))
+  if shots:
+    panels.append((f'{FIGURE_SHOTS}-shot linear accuracy (%)', shots))
+  sizes = sorted({line['train_size'] for line in lines if 'train_size' in line})
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, axis = plt.subplots(figsize=(5, 3.5))
-  for series in dict.fromkeys(line['series'] for line in lines):
-    points = sorted((line['train_size'], line['mean'], line['std'] or 0.0)
-                    for line in lines if line['series'] == series)
-    axis.errorbar([p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
-                  marker='o', capsize=3, label=series)
-  axis.set_xscale('log')
-  axis.set_xlabel(lines[0].get('x_label', 'training images'))
-  axis.set_ylabel('test accuracy (%)')
-  axis.grid(True, alpha=0.3)
-  axis.legend()
+  figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+  for axis, (y_label, curves) in zip(axes[0], panels):
+    for name, points in curves.items():
+      points = sorted(points)
+      axis.errorbar([p[0] for p in points], [100 * p[1] for p in points],
+                    yerr=[100 * (p[2] or 0.0) for p in points], marker='o', capsize=3, label=name)
+    axis.set_xscale('log')
+    axis.set_xticks(sizes, [f'{size:,}' for size in sizes])
+    axis.minorticks_off()
+    axis.set_xlabel(series_lines[0].get('x_label', 'training images'))
+    axis.set_ylabel(y_label)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize='small')
   figure.tight_layout()
   with paths.atomic_writer(path) as f:
     figure.savefig(f, format='png', dpi=120)
@@ -226,7 +248,7 @@ def run_study(study: str, config_path: str, workdir: str, out: str, seeds: Seque
     for seed in seeds:
       if rows and slug(label) not in rows:
         # Not to be trained now; a finished run of it still belongs in the table.
-        finished = finished_result(paths.join(workdir, study), label, seed)
+        finished = finished_result(paths.join(workdir, study), label, seed, row)
         if finished is not None:
           results.append(finished)
         continue
