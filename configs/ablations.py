@@ -35,6 +35,9 @@ CLASSIFIER = {
     'gap, lr 3e-3': {'model.classifier': 'gap', 'lr': 3e-3},
     'gap, lr 1e-3': {'model.classifier': 'gap', 'lr': 1e-3},
     'gap, lr 3e-4': {'model.classifier': 'gap', 'lr': 3e-4},
+    # The few-shot columns' baseline: the same models as initialised, nothing trained.
+    'token, untrained': {'model.classifier': 'token', 'untrained': True},
+    'gap, untrained': {'model.classifier': 'gap', 'untrained': True},
 }
 
 # Paper Appendix D.4 / Table 8 (no posemb 61.4, 1-D 64.2, 2-D 64.0, relative 64.0 for ViT-B/16 on ImageNet).
