@@ -5,8 +5,9 @@
 Each run is an ordinary `vit_jax.main` run in `<workdir>/<study>/<row>/seed_<n>`: an interrupted study
 resumes (a finished run's result is read back, an unfinished one continues from its checkpoint). Writes
 `<out>/<study>.json` and `<out>/<study>.md`, and for studies whose rows name a `series` `<out>/<study>.png`
-(test accuracy against the rows' `train_size`, one line per series). The host is set up once, as `vit_jax.main` sets it up
-(`host_cpu.setup`), so `--set=cpu_devices=N` applies to every row.
+(test accuracy against the rows' `train_size`, one line per series, and few-shot accuracy where rows have
+it). The host is set up once, as `vit_jax.main` sets it up (`host_cpu.setup`), so `--set=cpu_devices=N`
+applies to every row.
 """
 import json
 import os
