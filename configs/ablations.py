@@ -107,14 +107,15 @@ TRANSFER = {
 # Paper Fig. 3-4 at CPU scale: the same transfer from upstreams trained on 10%, 30% and 100% of the seven
 # classes, each for the same 2,000 steps (so that only the data grows), fine-tuned as above.
 UPSTREAM_FRACTIONS = (10, 30, 100)
+UPSTREAM_IMAGES = 42_000  # The seven classes' training images.
 UPSTREAM_SCALE = {
     **{f'upstream on {pct}%': {**UPSTREAM, 'train_split': f'train[:{pct}%]', 'num_epochs': None,
-                               'total_steps': 2_000, 'shuffle_buffer': 42_000,
-                               'train_size': 42_000 * pct // 100}
+                               'total_steps': 2_000, 'shuffle_buffer': UPSTREAM_IMAGES,
+                               'train_size': UPSTREAM_IMAGES * pct // 100}
        for pct in UPSTREAM_FRACTIONS},
     **{f'{task}: fine-tuned from the {pct}% upstream': {
         **DOWNSTREAM, **fields, **FINE_TUNE, 'init_from': f'{{study_dir}}/upstream_on_{pct}/seed_{{seed}}',
-        'series': f'{task}, fine-tuned', 'train_size': 42_000 * pct // 100,
+        'series': f'{task}, fine-tuned', 'train_size': UPSTREAM_IMAGES * pct // 100,
         'x_label': 'upstream training images'}
        for task, fields in TRANSFER_TASKS.items() for pct in UPSTREAM_FRACTIONS},
 }
