@@ -96,6 +96,13 @@ print('RESULT', len(jax.devices()), json.dumps({k: v['draws'] for k, v in result
 '''
 
 
+def test_scalar_names_parse_back_to_task_and_shots():
+  names = fewshot.scalars({'my_shots_data': {1: {'mean': 0.5, 'std': 0.1}, 25: {'mean': 0.9, 'std': 0.0}}})
+  assert names == {'fewshot/my_shots_data/1shot': 0.5, 'fewshot/my_shots_data/1shot_std': 0.1,
+                   'fewshot/my_shots_data/25shot': 0.9, 'fewshot/my_shots_data/25shot_std': 0.0}
+  assert fewshot.parse_scalar_name('fewshot/my_shots_data/25shot') == ('my_shots_data', 25)
+
+
 @pytest.mark.slow
 def test_eight_devices_give_the_single_device_features_and_accuracies(tmp_path):
   outputs = {}

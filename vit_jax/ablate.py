@@ -22,6 +22,7 @@ import numpy as np
 
 from vit_jax import config_lib
 from vit_jax import errors
+from vit_jax import fewshot as fewshot_lib
 from vit_jax import host_cpu
 from vit_jax import models
 from vit_jax import paths
@@ -134,14 +135,13 @@ def run_row(base, label: str, row: dict, seed: int, study_dir: str) -> dict:
 def untrained_fewshot(config, info) -> dict:
   """Few-shot accuracies of the model as initialised with the config's seed (nothing trained)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import fewshot  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh)
   run = train.setup(config, mesh, info.num_classes, train.total_steps(config, info.num_train_examples),
                     info.channels)
   params = run.init_state(jax.random.PRNGKey(config.seed)).params
-  return fewshot.scalars(fewshot.Evaluator(config, run.model, mesh, info.channels)(params))
+  return fewshot_lib.scalars(fewshot_lib.Evaluator(config, run.model, mesh, info.channels)(params))
 
 
 def summarise(results: List[dict]) -> List[dict]:
@@ -176,7 +176,7 @@ def _percent(mean, std) -> str:
 def markdown_table(study: str, lines: List[dict], command: str) -> str:
   seeds = sorted({seed for line in lines for seed in line['seeds']})
   fewshot_keys = list(dict.fromkeys(key for line in lines for key in line.get('fewshot', {})))
-  fewshot_names = [key.removeprefix('fewshot/').replace('/', ' ').replace('shot', '-shot') for key in fewshot_keys]
+  fewshot_names = [f'{task} {k}-shot' for task, k in map(fewshot_lib.parse_scalar_name, fewshot_keys)]
   header = ['row', 'test accuracy (mean)', *[f'seed {s}' for s in seeds], *fewshot_names, 'parameters',
             'wall per run']
   out = [f'Study `{study}`: `{command}`', '', '| ' + ' | '.join(header) + ' |',
@@ -208,8 +208,8 @@ def plot_series(lines: List[dict], path: str) -> None:
   shots = {}
   for line in lines:
     for key, value in line.get('fewshot', {}).items():
-      task, k = key.split('/')[1:]
-      if 'train_size' in line and k == f'{FIGURE_SHOTS}shot':
+      task, k = fewshot_lib.parse_scalar_name(key)
+      if 'train_size' in line and k == FIGURE_SHOTS:
         shots.setdefault(task.removeprefix('embedded_'), []).append(
             (line['train_size'], value['mean'], value['std']))
   if shots:

@@ -17,7 +17,7 @@ During training, `config.fewshot.tasks` are evaluated every `config.fewshot.ever
 """
 import dataclasses
 import json
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -200,13 +200,24 @@ class Evaluator:
     return results
 
 
+def scalar_name(task: str, shots: int) -> str:
+  """The TensorBoard name of a task's k-shot mean accuracy; its spread is logged under the same name + `_std`."""
+  return f'fewshot/{task}/{shots}shot'
+
+
+def parse_scalar_name(name: str) -> Tuple[str, int]:
+  """(task, shots) of a `scalar_name`."""
+  _, task, shots = name.split('/')
+  return task, int(shots.removesuffix('shot'))
+
+
 def scalars(results: Dict[str, Dict[int, dict]]) -> Dict[str, float]:
   """TensorBoard names: fewshot/<task>/<k>shot (mean accuracy) and .../<k>shot_std."""
   flat = {}
   for task, by_shots in results.items():
     for k, result in by_shots.items():
-      flat[f'fewshot/{task}/{k}shot'] = result['mean']
-      flat[f'fewshot/{task}/{k}shot_std'] = result['std']
+      flat[scalar_name(task, k)] = result['mean']
+      flat[scalar_name(task, k) + '_std'] = result['std']
   return flat
 
 
