@@ -14,6 +14,18 @@ except ImportError:
   pass
 
 from vit_jax import config_lib
+from vit_jax import host_cpu
+
+# The tolerance survey (tests/tolerances.py): every compiled function of the session under one CPU matmul
+# library. 'onednn' sets it for every compile, subprocesses included; 'xla' turns the configs' oneDNN off.
+TEST_CPU_MATMUL = os.environ.get('VIT_JAX_TEST_CPU_MATMUL')
+if TEST_CPU_MATMUL == 'onednn':
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_use_onednn=true '
+                             '--xla_cpu_experimental_onednn_fusion_type=individual_dot').strip()
+elif TEST_CPU_MATMUL == 'xla':
+  host_cpu.compiler_options = lambda cpu_matmul='onednn': None
+elif TEST_CPU_MATMUL:
+  raise ValueError(f'VIT_JAX_TEST_CPU_MATMUL={TEST_CPU_MATMUL!r}: choose onednn or xla.')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, 'configs')

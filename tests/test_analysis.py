@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_main
+import tolerances
 from vit_jax import analysis
 from vit_jax import models
 
@@ -74,8 +75,8 @@ def test_attention_weights_of_scanned_and_unrolled_models_agree():
   weights = analysis.attention_weights(plain, params, images)
   weights_scanned = analysis.attention_weights(scanned, models.stack_layers(params), images)
   assert len(weights) == 3 and weights[0].shape == (2, 4, 17, 17)
-  for a, b in zip(weights, weights_scanned):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  tolerances.assert_close(weights_scanned, weights, tolerances.tolerance(tolerances.model_terms(plain, 16, 3)),
+                          'attention weights')
 
 
 @pytest.mark.slow

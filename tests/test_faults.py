@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_main
+import tolerances
 from vit_jax import checkpoints
 from vit_jax import errors
 from vit_jax import workdir_lock
@@ -54,8 +55,7 @@ def _steps(workdir):
 def _assert_same_final_params(workdir, reference):
   ours, theirs = checkpoints.restore_params(str(workdir), STEPS, ema=False)[0], checkpoints.restore_params(
       str(reference), STEPS, ema=False)[0]
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  tolerances.assert_close(ours, theirs, tolerances.RESUMED_RUN, 'parameters')
 
 
 def _assert_one_line_error(result):

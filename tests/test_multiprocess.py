@@ -9,11 +9,10 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
 
 from conftest import ROOT, run_main
+import tolerances
 from vit_jax import checkpoints
 
 LAUNCH = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
@@ -89,9 +88,9 @@ def test_two_processes_train_agree_stop_together_on_sigterm_and_resume_to_the_sa
   for log in resumed:
     assert f'Resumed from the checkpoint of step {step}' in log and 'after 9 steps' in log
     assert 'global example order differs' not in log
-  for a, b in zip(jax.tree.leaves(checkpoints.restore_params(str(workdir), 9, ema=False)[0]),
-                  jax.tree.leaves(checkpoints.restore_params(str(reference), 9, ema=False)[0])):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  tolerances.assert_close(checkpoints.restore_params(str(workdir), 9, ema=False)[0],
+                          checkpoints.restore_params(str(reference), 9, ema=False)[0], tolerances.RESUMED_RUN,
+                          'parameters')
 
   # Extended by one process (its 4 devices simulated): the data is sharded differently, and it says so.
   extended = run_main(reference, *FLAGS, '--config.cpu_devices=4', f'--config.data_dir={data_dir}',

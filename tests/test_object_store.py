@@ -19,12 +19,12 @@ import time
 import urllib.parse
 import urllib.request
 
-import jax
 import numpy as np
 from etils.epath import gpath
 import pytest
 
 from conftest import ROOT, run_main
+import tolerances
 from vit_jax import checkpoints
 from vit_jax import paths
 
@@ -131,8 +131,7 @@ def test_a_bucket_workdir_trains_is_killed_resumes_and_serves_export_analyze_and
   assert _committed_steps(gcs, run)[-1] == STEPS
   ours = checkpoints.restore_params(workdir, STEPS, ema=False)[0]
   theirs = checkpoints.restore_params(str(reference), STEPS, ema=False)[0]
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  tolerances.assert_close(ours, theirs, tolerances.RESUMED_RUN, 'parameters')
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))  # The old bug: a local folder named after the scheme.
 
   # The resume guard reads the record from the bucket.

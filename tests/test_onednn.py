@@ -12,6 +12,7 @@ import pytest
 
 from conftest import load_config
 from conftest import ROOT
+import tolerances
 from vit_jax import benchmark
 from vit_jax import config_lib
 from vit_jax import errors
@@ -34,15 +35,6 @@ def test_the_onednn_dot_fusion_with_a_biased_square_aborts_until_jaxlib_is_fixed
   assert difference < 1e-3  # Fixed: then it must also compute the same function.
 
 
-def _relative_difference(ours, reference) -> float:
-  """Largest difference over the largest reference value, both over the whole tree (a leaf that is zero in
-  exact arithmetic, as the key biases' gradients are, holds rounding noise only)."""
-  leaves = [(a.astype(jnp.float32), b.astype(jnp.float32))
-            for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference))]
-  return (max(float(jnp.max(jnp.abs(a - b))) for a, b in leaves) /
-          max(float(jnp.max(jnp.abs(b))) for _, b in leaves))
-
-
 # Every kind of model and step the project trains, each small: what `config.cpu_matmul='onednn'` must compile,
 # run (no abort) and compute as XLA's default dot does.
 KINDS = {
@@ -62,11 +54,11 @@ def test_onednn_dots_compute_xla_s_logits_gradients_and_train_step(kind):
   name, overrides = KINDS[kind]
   config = config_lib.override(load_config(name), {'model.num_layers': 2, 'batch_size': 16, **overrides})
   channels = 1 if name in ('default.py', 'vit_mu7.py') else 3
+  size = config.image_size
   mesh = sharding.make_mesh(config.mesh)
   runs = {matmul: train.setup(config_lib.override(config, {'cpu_matmul': matmul}), mesh, num_classes=10,
                               num_steps=10_000, channels=channels) for matmul in ('xla', 'onednn')}
   rng = np.random.default_rng(0)
-  size = config.image_size
   batch = {'image': rng.uniform(-1, 1, (config.batch_size, size, size, channels)).astype(np.float32),
            'label': rng.integers(0, 10, config.batch_size).astype(np.int32)}
   state = runs['xla'].init_state(jax.random.PRNGKey(0))
@@ -75,25 +67,32 @@ def test_onednn_dots_compute_xla_s_logits_gradients_and_train_step(kind):
   leaves, tree = jax.tree.flatten(state.params)
   state = state.replace(params=jax.tree.unflatten(tree, [
       p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, noise)]))
-  tolerance = 3e-2 if config.dtype == 'bfloat16' else 1e-5  # bf16: one rounding of a bf16 output apart.
+  # float32: each kernel's own summation order; bfloat16: one rounding of a bf16 output apart, at each of them.
+  model = runs['xla'].model
+  if config.dtype == 'bfloat16':
+    forward = tolerances.tolerance(tolerances.bfloat16_roundings(model), 'bfloat16')
+    backward = tolerances.tolerance(tolerances.bfloat16_roundings(model, backward=True), 'bfloat16')
+  else:
+    forward = tolerances.tolerance(tolerances.model_terms(model, size, channels))
+    backward = tolerances.tolerance(tolerances.gradient_terms(model, size, channels, config.batch_size))
 
   # The inference path: the eval step's sums, and the logits themselves.
   sums = {m: run.eval_fn(state.params, sharding.to_global_batch({**batch, 'mask': np.ones(len(batch['label']),
                                                                                             bool)}, mesh))
           for m, run in runs.items()}
-  assert _relative_difference(sums['onednn'], sums['xla']) < tolerance
+  tolerances.assert_close(sums['onednn'], sums['xla'], forward, 'eval sums')
   if config.objective == 'classification':
     logits = {m: jax.jit(lambda p, x: runs[m].model.apply({'params': p}, x),
                          compiler_options=host_cpu.compiler_options(m))(state.params, batch['image'])
               for m in runs}
-    assert _relative_difference(logits['onednn'], logits['xla']) < tolerance
+    tolerances.assert_close(logits['onednn'], logits['xla'], forward, 'logits')
 
   # Gradients of the training loss, computed by each kernel.
   def grads(matmul):
     run = runs[matmul]
     loss = lambda p: run.objective.train_loss(run.model, p, batch, jax.random.PRNGKey(1))[0]
     return jax.jit(jax.grad(loss), compiler_options=host_cpu.compiler_options(matmul))(state.params)
-  assert _relative_difference(grads('onednn'), grads('xla')) < (tolerance if config.dtype == 'float32' else 0.1)
+  tolerances.assert_close(grads('onednn'), grads('xla'), backward, 'gradients')
 
   # The whole train step compiles with oneDNN's dots (XLA's runs Eigen or YNNPACK) and runs.
   global_batch = sharding.to_global_batch(batch, mesh)
@@ -101,7 +100,7 @@ def test_onednn_dots_compute_xla_s_logits_gradients_and_train_step(kind):
   assert 'onednn' in benchmark.dot_kernels(compiled['onednn'].as_text(), 'cpu')
   assert 'onednn' not in benchmark.dot_kernels(compiled['xla'].as_text(), 'cpu')
   losses = {m: float(compiled[m](jax.tree.map(jnp.copy, state), global_batch)[1]['loss']) for m in runs}
-  assert losses['onednn'] == pytest.approx(losses['xla'], rel=tolerance)
+  tolerances.assert_close(losses['onednn'], losses['xla'], forward, 'loss')
 
 
 def test_cpu_matmul_setting_is_checked_and_off_on_request():

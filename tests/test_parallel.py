@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
+import tolerances
 from vit_jax import sharding
 from vit_jax import train
 
@@ -70,6 +71,7 @@ for data, fsdp in [(8, 1), (4, 2), (2, 4)]:
                        reference.params)
   out[f'{data}x{fsdp}'] = dict(
       losses=losses, reference_losses=reference_losses, max_param_diff=max(jax.tree.leaves(diffs)),
+      max_param=max(float(np.max(np.abs(np.asarray(p)))) for p in jax.tree.leaves(reference.params)),
       kernel_spec=str(kernel.sharding.spec), kernel_shard=list(kernel.addressable_shards[0].data.shape),
       kernel_shape=list(kernel.shape), momentum_specs=[str(x.sharding.spec) for x in momenta],
       step_devices=len(kernel.sharding.device_set))
@@ -85,10 +87,15 @@ def test_same_step_on_one_device_and_on_data_and_fsdp_meshes_of_eight():
   assert result.returncode == 0, result.stderr[-5000:]
   out = json.loads(result.stdout.split('RESULT')[-1])
   assert set(out) == {'8x1', '4x2', '2x4'}
+  config = _config()
+  steps = 3
   for layout, run in out.items():
-    np.testing.assert_allclose(run['losses'], run['reference_losses'], rtol=1e-5, err_msg=layout)
+    # Sums split over 8 devices in another order: each step's loss spreads like a gradient's sums.
+    tolerances.assert_close(run['losses'], run['reference_losses'],
+                            tolerances.training_tolerance(config, steps, channels=1) / steps, f'{layout} losses')
     assert run['losses'][-1] < run['losses'][0]
-    assert run['max_param_diff'] < 1e-5, (layout, run['max_param_diff'])
+    tolerances.assert_close(run['max_param_diff'] / run['max_param'], 0.0,
+                            tolerances.training_tolerance(config, steps, channels=1), f'{layout} parameters')
     assert run['step_devices'] == 8
   # Replicated on the pure data mesh; split along the fsdp axis (parameters and momenta alike) otherwise.
   assert out['8x1']['kernel_shard'] == out['8x1']['kernel_shape']
@@ -105,9 +112,10 @@ def test_accumulating_four_micro_batches_equals_one_full_batch_step():
   batches = [_batch(32, seed=s) for s in range(2)]
   full, full_losses = _train(_config(**SGD), mesh, batches)
   accumulated, accumulated_losses = _train(_config(**SGD, accum_steps=4), mesh, batches)
-  np.testing.assert_allclose(accumulated_losses, full_losses, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accumulated.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The batch's sums split into four in another order.
+  limit = tolerances.training_tolerance(_config(), len(batches), channels=1)
+  tolerances.assert_close(accumulated_losses, full_losses, limit / len(batches), 'losses')
+  tolerances.assert_close(accumulated.params, full.params, limit, 'parameters')
   # The two really differ in what they compile: a loop over micro-batches of 8.
   run = train.setup(_config(accum_steps=4), mesh, 10, 100, 1)
   assert 'while' in run.train_fn.lower(run.abstract_state, run.abstract_batch).as_text()
@@ -121,7 +129,10 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_weights():
   bf16, bf16_losses = _train(_config(dtype='bfloat16'), mesh, batches)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((bf16.params, bf16.opt_state))
              if jnp.issubdtype(x.dtype, jnp.floating))
-  np.testing.assert_allclose(bf16_losses, f32_losses, rtol=2e-2)
+  # Each bfloat16 rounding of an activation along the forward pass moves the loss by up to its round-off.
+  model = train.setup(_config(dtype='bfloat16'), mesh, 10, 100, 1).model
+  tolerances.assert_close(bf16_losses, f32_losses, tolerances.tolerance(tolerances.bfloat16_roundings(model),
+                                                                          'bfloat16'), 'losses')
   assert bf16_losses[-1] < bf16_losses[0]
   run = train.setup(_config(dtype='bfloat16'), mesh, 10, 100, 1)
   hlo = run.train_fn.lower(run.abstract_state, run.abstract_batch).as_text()
