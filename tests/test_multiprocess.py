@@ -139,7 +139,7 @@ def test_when_a_process_dies_the_other_says_which_and_stops_at_once(tmp_path, da
 
 @pytest.mark.slow
 def test_launch_scripts_parse_and_explain_themselves():
-  for script in ('local_multiprocess.sh', 'tpu_vm.sh', 'slurm_gpu.sbatch'):
+  for script in ('local_multiprocess.sh', 'tpu_vm.sh', 'slurm_gpu.sbatch', 'gpu_benchmark.sh'):
     path = os.path.join(ROOT, 'launch', script)
     subprocess.run(['bash', '-n', path], check=True)
     usage = subprocess.run(['bash', path, '--help' if script != 'local_multiprocess.sh' else '-h'],
