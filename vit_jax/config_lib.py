@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Runs on CPUs only: the library of the compiled steps' matmuls. 'onednn': each dot handed to oneDNN (faster
   # at ViT's shapes, BENCHMARKS.md "CPU dot kernel"); 'xla': XLA:CPU's default dot (YNNPACK/Eigen).
   config.cpu_matmul = 'onednn'
+  # Compiled steps kept for the next run (`compilation_cache.py`): 'auto' beside the workdir, '' off, or a
+  # folder (local or gs://) that runs may share.
+  config.compilation_cache_dir = 'auto'
 
   # Fine-tuning: start from a published-layout .npz or a vit_jax workdir instead of random weights (only when
   # the workdir has no checkpoint yet; a restart resumes as usual). The head is re-initialised unless
@@ -259,10 +262,11 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None
 
 # What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates,
 # checkpoints, profiles and few-shot evaluates, where it reads the data, how it lays out devices, which CPU
-# matmul library runs. Anything else would silently continue the recorded run under other settings.
+# matmul library runs, where compiled executables are cached. Anything else would silently continue the recorded
+# run under other settings.
 RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'cpu_matmul', 'eval_batch_size',
-                     'fewshot')
+                     'fewshot', 'compilation_cache_dir')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

@@ -15,6 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vit_jax import compilation_cache
 from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import host_cpu
@@ -79,6 +80,9 @@ def main(argv):
   host_cpu.setup(_CONFIG.value)
   initialize_distributed()
   workdir = paths.absolute(_WORKDIR.value)
+  cache = compilation_cache.directory_for(_CONFIG.value.compilation_cache_dir, workdir)
+  if cache:
+    compilation_cache.enable(cache)
   try:
     result = train.train_and_evaluate(_CONFIG.value, workdir, adopt_config=_ADOPT_CONFIG.value,
                                       fallback_to_intact_checkpoint=_FALLBACK.value)
@@ -90,6 +94,7 @@ def main(argv):
       peers.exit_on_lost_peer(e, wait_seconds=_HEARTBEAT.value + 10)  # its peers will name it.
     raise
   peers.leaving()
+  compilation_cache.log_use('end of run')
   if _CONFIG.value.objective == 'masked_patches':
     print(f'Final masked-patch colour accuracy: {result["accuracy"]:.4f} ({result["correct"]}/{result["count"]} '
           f'corrupted patches of {_CONFIG.value.dataset}:{_CONFIG.value.eval_split}) after {result["step"]} '

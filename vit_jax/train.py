@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from vit_jax import checkpoints
+from vit_jax import compilation_cache
 from vit_jax import config_lib
 from vit_jax import errors
 from vit_jax import flops
@@ -460,6 +461,7 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
       train_metrics.append(metrics)
       if step == start_step + 1:
         logger.restart_clock(step)  # The first step includes compilation.
+        compilation_cache.log_use(f'step {step}')
       if step % config.log_every_steps == 0 or step == num_steps:
         summary = jax.tree.map(lambda *x: float(np.mean(jax.device_get(x))), *train_metrics)
         train_metrics = []
