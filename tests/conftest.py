@@ -47,6 +47,24 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tensorflow_datasets'))
 
 
+# The small run that the fault and object-store tests interrupt and compare against: digits, one block,
+# 60 steps, checkpoints at 20, 40 and 60 (at most 3 kept).
+REFERENCE_STEPS = 60
+REFERENCE_FLAGS = ('--config=configs/digits.py', '--config.model.num_layers=1', '--config.batch_size=32',
+                   '--config.eval_batch_size=71', '--config.warmup_steps=10',
+                   f'--config.total_steps={REFERENCE_STEPS}', '--config.log_every_steps=20',
+                   '--config.eval_every_steps=1000', '--config.checkpoint_every_steps=20',
+                   '--config.keep_checkpoints=3')
+
+
+@pytest.fixture(scope='session')
+def reference_run(tmp_path_factory, data_dir):
+  """The reference run, uninterrupted, trained once per session; copy it before changing it."""
+  workdir = tmp_path_factory.mktemp('reference') / 'reference'
+  run_main(workdir, *REFERENCE_FLAGS, f'--config.data_dir={data_dir}')
+  return workdir
+
+
 def run_main(workdir, *flags, env=None, check=True, timeout=600):
   """Runs `python -m vit_jax.main` as a user would, in a fresh process; returns the CompletedProcess."""
   cmd = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *flags]

@@ -17,29 +17,26 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import REFERENCE_FLAGS, REFERENCE_STEPS, ROOT, run_main
 import tolerances
 from vit_jax import checkpoints
 from vit_jax import errors
 from vit_jax import workdir_lock
 
-STEPS = 60
-TINY = ('--config=configs/digits.py', '--config.model.num_layers=1', '--config.batch_size=32',
-        '--config.eval_batch_size=71', '--config.warmup_steps=10', f'--config.total_steps={STEPS}',
-        '--config.log_every_steps=20', '--config.eval_every_steps=1000', '--config.keep_checkpoints=3')
+STEPS = REFERENCE_STEPS
 EVERY_20 = ('--config.checkpoint_every_steps=20',)
 
 
 def _flags(data_dir, *extra):
-  return (*TINY, f'--config.data_dir={data_dir}', *extra)
+  """The reference run's flags, checkpointing at the config's default interval unless `extra` says so."""
+  flags = tuple(f for f in REFERENCE_FLAGS if not f.startswith('--config.checkpoint_every_steps'))
+  return (*flags, f'--config.data_dir={data_dir}', *extra)
 
 
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory, data_dir):
+@pytest.fixture
+def reference(reference_run):
   """An uninterrupted run (checkpoints 20, 40, 60); its workdir is copied before each fault."""
-  workdir = tmp_path_factory.mktemp('faults') / 'reference'
-  run_main(workdir, *_flags(data_dir, *EVERY_20))
-  return workdir
+  return reference_run
 
 
 def _copy(reference, tmp_path, name='run'):

@@ -23,16 +23,14 @@ import numpy as np
 from etils.epath import gpath
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import REFERENCE_FLAGS, REFERENCE_STEPS, ROOT, run_main
 import tolerances
 from vit_jax import checkpoints
 from vit_jax import paths
 
 BUCKET = 'vit-jax-test'
-STEPS = 60
-TINY = ('--config=configs/digits.py', '--config.model.num_layers=1', '--config.batch_size=32',
-        '--config.eval_batch_size=71', '--config.warmup_steps=10', f'--config.total_steps={STEPS}',
-        '--config.log_every_steps=20', '--config.eval_every_steps=1000', '--config.checkpoint_every_steps=20')
+STEPS = REFERENCE_STEPS
+TINY = REFERENCE_FLAGS
 
 
 def _free_port():
@@ -107,10 +105,10 @@ def test_atomic_writes_leave_nothing_behind_when_interrupted(gcs, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bucket_workdir_trains_is_killed_resumes_and_serves_export_analyze_and_init_from(gcs, tmp_path, data_dir):
+def test_a_bucket_workdir_trains_is_killed_resumes_and_serves_export_analyze_and_init_from(gcs, tmp_path, data_dir,
+                                                                                           reference_run):
   flags = (*TINY, f'--config.data_dir={data_dir}')
-  reference = tmp_path / 'reference'
-  run_main(reference, *flags)
+  reference = reference_run
 
   run, workdir = 'runs/killed', f'gs://{BUCKET}/runs/killed'
   process = subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *flags], cwd=ROOT,
