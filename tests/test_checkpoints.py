@@ -156,9 +156,23 @@ def test_export_command_writes_the_trained_parameters(tmp_path, data_dir):
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(models.unstack_layers(params))):
     assert np.array_equal(a, b)
   assert np.any(exported['head']['kernel'])  # Trained: the zero-initialised head moved.
-  missing = subprocess.run([sys.executable, '-m', 'vit_jax.export', f'--workdir={tmp_path}/nothing',
-                            f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  export = lambda *flags: subprocess.run([sys.executable, '-m', 'vit_jax.export', *flags], cwd=ROOT,
+                                         capture_output=True, text=True, timeout=300)
+  missing = export(f'--workdir={tmp_path}/nothing', f'--out={tmp_path}/other.npz')
   assert missing.returncode != 0 and 'No checkpoints in' in missing.stderr
+  # An existing file is replaced only when asked; a folder or an unwritable place is named, in one line.
+  out.write_bytes(b'keep me')
+  kept = export(f'--workdir={workdir}', f'--out={out}')
+  assert kept.returncode == 2 and f'Error: {out} exists: pass --overwrite' in kept.stderr, kept.stderr[-2000:]
+  assert out.read_bytes() == b'keep me'
+  assert export(f'--workdir={workdir}', f'--out={out}', '--overwrite').returncode == 0
+  assert checkpoints.load_npz(str(out))['head']['kernel'].shape == exported['head']['kernel'].shape
+  folder = export(f'--workdir={workdir}', f'--out={tmp_path}')
+  assert folder.returncode == 2 and 'is a folder: give the path of the file' in folder.stderr
+  # Under a file, no one can write (root included, as CI runs).
+  unwritable = export(f'--workdir={workdir}', f'--out={out}/model.npz')
+  assert unwritable.returncode == 2 and f'Error: Cannot write {out}/model.npz' in unwritable.stderr, (
+      unwritable.stderr[-2000:])
 
 
 @pytest.mark.slow

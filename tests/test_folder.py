@@ -76,3 +76,27 @@ def test_unreadable_files_and_empty_classes_get_clear_errors(tmp_path, data_dir)
   _write_images(tmp_path / 'one' / 'only', 3, 10, rng)
   with pytest.raises(folder.FolderError, match='one sub-folder per class'):
     input_pipeline.get_builder(f'folder:{tmp_path / "one"}', data_dir)
+
+
+def test_files_that_are_not_images_are_listed_and_a_class_left_empty_is_refused(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'pets'
+  _write_images(root / 'bright', 4, 200, rng)
+  _write_images(root / 'dark', 4, 50, rng)
+  for name in ('a.webp', 'b.webp', 'c.heic', 'd.txt'):
+    (root / 'dark' / name).write_bytes(b'x')
+  os.symlink(root / 'gone.png', root / 'bright' / 'broken.png')  # A link to nothing.
+  with caplog.at_level('WARNING'):
+    classes, examples = folder.scan(str(root))
+  assert classes == ('bright', 'dark') and len(examples['train']) + len(examples['test']) == 8
+  message = caplog.text
+  assert 'Skipped 5 files that are not readable images' in message
+  assert f'{root}/bright: 1 (broken.png)' in message and f'{root}/dark: 4 (a.webp, b.webp, c.heic, ...)' in message
+  # A class whose files are all skipped is refused, the skipped files listed first.
+  for name in os.listdir(root / 'dark'):
+    if name.endswith(('.png', '.jpg')):
+      os.remove(root / 'dark' / name)
+  caplog.clear()
+  with caplog.at_level('WARNING'), pytest.raises(folder.FolderError, match="Class 'dark' has 0 image"):
+    folder.scan(str(root))
+  assert 'a.webp' in caplog.text

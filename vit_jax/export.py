@@ -27,6 +27,8 @@ _FORMAT = flags.DEFINE_enum('format', 'npz', ['npz', 'torch'], 'Published-layout
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _PARAMS = flags.DEFINE_enum('params', 'auto', ['auto', 'ema', 'raw'],
                             'auto: the moving average when the run kept one, else the parameters.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists (without it, an existing file is '
+                                'refused).')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -48,16 +50,24 @@ def save_torch(params, config, path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  out = _OUT.value
+  if paths.isdir(out):
+    raise errors.UserError(f'--out={out} is a folder: give the path of the file to write, e.g. {out}/model.npz.')
+  if paths.exists(out) and not _OVERWRITE.value:
+    raise errors.UserError(f'{out} exists: pass --overwrite to replace it, or choose another --out.')
   ema = {'auto': None, 'ema': True, 'raw': False}[_PARAMS.value]
   params, step = checkpoints.restore_params(_WORKDIR.value, _STEP.value, ema=ema)
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  if _FORMAT.value == 'npz':
-    checkpoints.save_npz(params, _OUT.value)
-    print(f'Wrote {_OUT.value}: {num_params:,} parameters of step {step} in the published layout.')
-  else:
-    constructor = save_torch(params, config_lib.load_workdir_config(_WORKDIR.value), _OUT.value)
-    print(f'Wrote {_OUT.value}: {num_params:,} parameters of step {step} as a timm state_dict; load it with '
-          f'{constructor}.')
+  try:
+    if _FORMAT.value == 'npz':
+      checkpoints.save_npz(params, out)
+      print(f'Wrote {out}: {num_params:,} parameters of step {step} in the published layout.')
+    else:
+      constructor = save_torch(params, config_lib.load_workdir_config(_WORKDIR.value), out)
+      print(f'Wrote {out}: {num_params:,} parameters of step {step} as a timm state_dict; load it with '
+            f'{constructor}.')
+  except OSError as e:
+    raise errors.UserError(f'Cannot write {out}: {e.strerror or e}. Choose a writable --out.') from e
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import re
 import types
 from typing import Dict, List, Tuple
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -29,9 +30,27 @@ class FolderError(errors.DataError, ValueError):
   """The image folder cannot be used; the message says what is wrong and where."""
 
 
-def _list_images(directory: str) -> List[str]:
-  return sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS)
-                and os.path.isfile(os.path.join(directory, f)))
+def _list_images(directory: str, skipped: Dict[str, List[str]]) -> List[str]:
+  """The image files of `directory`, sorted; every other entry but sub-folders goes to `skipped[directory]`."""
+  images, others = [], []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
+      images.append(name)
+    elif not os.path.isdir(path):  # Another format, a broken link, a stray file.
+      others.append(name)
+  if others:
+    skipped[directory] = others
+  return images
+
+
+def _report_skipped(skipped: Dict[str, List[str]]) -> None:
+  if not skipped:
+    return
+  shown = '; '.join(f'{directory}: {len(names)} ({", ".join(names[:3])}{", ..." if len(names) > 3 else ""})'
+                    for directory, names in skipped.items())
+  logging.warning('Skipped %d files that are not readable images (%s; broken links count too): %s.',
+                  sum(map(len, skipped.values())), ', '.join(IMAGE_EXTENSIONS), shown)
 
 
 def _class_dirs(directory: str) -> List[str]:
@@ -55,22 +74,26 @@ def scan(root: str) -> Tuple[Tuple[str, ...], Dict[str, List[Tuple[str, int]]]]:
     raise FolderError(f'{root!r} needs one sub-folder per class (at least 2), e.g. {root}/cat/1.jpg and '
                       f'{root}/dog/1.jpg, or train/ and test/ folders laid out that way; found {classes}.')
   examples = {'train': [], 'test': []}
+  skipped = {}
   for label, name in enumerate(classes):
     if per_split:
       for split, directory in per_split.items():
-        files = _list_images(os.path.join(directory, name))
+        files = _list_images(os.path.join(directory, name), skipped)
         if not files:
+          _report_skipped(skipped)
           raise FolderError(f'Class {name!r} has no images in {os.path.join(directory, name)} (looked for '
                             f'{", ".join(IMAGE_EXTENSIONS)}).')
         examples[split] += [(os.path.join(directory, name, f), label) for f in files]
     else:
-      files = _list_images(os.path.join(root, name))
+      files = _list_images(os.path.join(root, name), skipped)
       if len(files) < 2:
+        _report_skipped(skipped)
         raise FolderError(f'Class {name!r} has {len(files)} image(s) in {os.path.join(root, name)}: each class '
                           f'needs at least 2 (one is held out for testing).')
       for i, f in enumerate(files):
         split = 'test' if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 or (i == len(files) - 1 and i < 4) else 'train'
         examples[split].append((os.path.join(root, name, f), label))
+  _report_skipped(skipped)
   return tuple(classes), examples
 
 
