@@ -165,3 +165,23 @@ def test_a_bucket_workdir_trains_is_killed_resumes_and_serves_export_analyze_and
   tuned = run_main(f'gs://{BUCKET}/runs/tuned', *flags, '--config.total_steps=20', f'--config.init_from={workdir}')
   assert f'Initialised from {workdir}' in tuned.stderr
   assert _committed_steps(gcs, 'runs/tuned') == [20]
+
+
+def test_gcsfs_warnings_repeated_per_request_are_shown_once():
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from vit_jax import errors  # pylint: disable=g-import-not-at-top
+  handler = logging.get_absl_handler()
+  before = list(handler.filters)
+  errors.quiet_library_logs()
+  try:
+    record = lambda message, level=py_logging.WARNING: py_logging.LogRecord(
+        'gcsfs', level, '/site-packages/gcsfs/core.py', 1, message, (), None)
+    bucket_type = 'Could not determine bucket type for vit-jax-test: credentials\nTraceback ...'
+    assert handler.filter(record(bucket_type)) and not handler.filter(record(bucket_type))  # Once.
+    assert handler.filter(record('Another warning'))  # Each distinct warning still shows.
+    assert not handler.filter(record('Reading gs://b/x', py_logging.INFO))  # Chatter dropped.
+    shown = record(bucket_type.replace('vit-jax-test', 'other'))
+    assert handler.filter(shown) and shown.msg == 'Could not determine bucket type for other: credentials'
+  finally:
+    handler.filters[:] = before

@@ -56,14 +56,22 @@ def quiet_library_logs() -> None:
   """Orbax, tfds and fsspec (object stores) narrate every file they touch at INFO: their warnings and errors
   are kept, the chatter dropped. A failed checkpoint write makes orbax log the same storage error, traceback
   and all, from each of its threads; the run then reports it once, so theirs keep their first line only (all
-  of it with --verbose)."""
+  of it with --verbose). gcsfs repeats its warnings on every request (a bucket type it cannot determine
+  without credentials): each is shown once."""
+  shown_gcsfs = set()
+
   def keep(record) -> bool:
     if not any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/', '/fsspec/', '/gcsfs/')):
       return True
     if record.levelno < py_logging.WARNING:
       return False
+    first_line = record.getMessage().split('\n')[0][:300]
+    if '/gcsfs/' in record.pathname:
+      if first_line in shown_gcsfs:
+        return False
+      shown_gcsfs.add(first_line)
     if not show_tracebacks():
-      record.msg, record.args = record.getMessage().split('\n')[0][:300], ()
+      record.msg, record.args = first_line, ()
       record.exc_info, record.exc_text = None, None
     return True
 
