@@ -195,9 +195,9 @@ def test_a_second_job_on_a_workdir_in_use_is_refused_and_a_killed_holder_leaves_
 
 
 @pytest.mark.slow
-def test_kill_9_during_saves_at_random_moments_loses_nothing(reference, tmp_path, data_dir):
+def test_kill_9_or_two_ctrl_c_during_saves_lose_nothing(reference, tmp_path, data_dir):
   """A checkpoint every step, so that a save is nearly always in flight; killed three times at random
-  moments after fresh progress, then left to finish."""
+  moments after fresh progress, stopped once by two Ctrl-Cs, then left to finish."""
   workdir = tmp_path / 'killed'
   flags = _flags(data_dir, '--config.checkpoint_every_steps=1')
   rng = random.Random(17)
@@ -218,24 +218,41 @@ def test_kill_9_during_saves_at_random_moments_loses_nothing(reference, tmp_path
     _, step = checkpoints.restore_params(str(workdir), newest)  # The newest complete checkpoint reads, verified.
     assert step == newest
   assert kills_during_a_save >= 1
+  # Two Ctrl-Cs at once: the second stops the run at once, a save in flight or not; the newest committed
+  # checkpoint reads, verified.
+  before = _steps(workdir)[-1]
+  process = _start(workdir, flags)
+  _wait_for(lambda: _steps(workdir)[-1] > before, process)
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.2)  # Two signals at once would reach Python's handler as one.
+  process.send_signal(signal.SIGINT)
+  stderr = process.communicate(timeout=120)[1]
+  assert process.returncode == errors.INTERRUPTED_EXIT_STATUS, stderr[-3000:]
+  assert 'Stopped at once by Ctrl-C' in stderr and 'Traceback' not in stderr, stderr[-3000:]
+  newest = _steps(workdir)[-1]
+  assert checkpoints.restore_params(str(workdir), newest)[1] == newest
   result = run_main(workdir, *flags)
   assert re.search(r'Resumed from the checkpoint of step \d+ in .* \(checksums verified\)', result.stderr)
   _assert_same_final_params(workdir, reference)
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_of_the_current_step_and_the_rerun_ends_where_an_uninterrupted_run_does(
-    reference, tmp_path, data_dir):
+@pytest.mark.parametrize('signum, status, stopped', [
+    (signal.SIGTERM, errors.PREEMPTED_EXIT_STATUS, r'Stopped by SIGTERM \(preemption\)'),
+    (signal.SIGINT, errors.INTERRUPTED_EXIT_STATUS, r'Stopped by Ctrl-C')])  # A Ctrl-C: a preemption asked for.
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_of_the_current_step_and_the_rerun_ends_where_an_uninterrupted_run_does(
+    reference, tmp_path, data_dir, signum, status, stopped):
   workdir = tmp_path / 'preempted'
   process = _start(workdir, _flags(data_dir, *EVERY_20))
   # Once the run holds its workdir it watches for the signal; sent now, it lands before or during compilation
   # (later, the 60 tiny steps could be over before it arrives).
   lock_file = workdir / workdir_lock.LOCK_FILE
   _wait_for(lambda: os.path.exists(lock_file) and os.path.getsize(lock_file) > 0, process)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   stderr = process.communicate(timeout=120)[1]
-  assert process.returncode == errors.PREEMPTED_EXIT_STATUS, stderr[-3000:]
-  match = re.search(r'Stopped by SIGTERM \(preemption\) at step (\d+) of 60, after saving its checkpoint', stderr)
+  assert process.returncode == status, stderr[-3000:]
+  match = re.search(stopped + r' at step (\d+) of 60, after saving its checkpoint.* Rerun the same command to '
+                    r'resume', stderr)
   assert match, stderr[-3000:]
   assert int(match[1]) in _steps(workdir) and 'Traceback' not in stderr
   result = run_main(workdir, *_flags(data_dir, *EVERY_20))

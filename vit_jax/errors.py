@@ -40,10 +40,16 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 
 PREEMPTED_EXIT_STATUS = 75  # sysexits.h EX_TEMPFAIL: try again. Launchers rerun the job on it.
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, as shells report a Ctrl-C: the user stopped it, no relaunch.
 
 
 class Preempted(Exception):
-  """The run was told to stop (SIGTERM), saved a checkpoint of its step and stopped; a rerun resumes."""
+  """The run was told to stop (SIGTERM, or Ctrl-C), saved a checkpoint of its step and stopped; a rerun
+  resumes. `exit_status`: 75 for a preemption (launchers rerun), 130 for a Ctrl-C."""
+
+  def __init__(self, message: str, exit_status: int = PREEMPTED_EXIT_STATUS):
+    super().__init__(message)
+    self.exit_status = exit_status
 
 
 def show_tracebacks() -> bool:
@@ -89,7 +95,14 @@ def run(main) -> None:
     except Preempted as e:
       sys.stderr.write(f'{e}\n')
       sys.stderr.flush()
-      sys.exit(PREEMPTED_EXIT_STATUS)
+      sys.exit(e.exit_status)
+    except KeyboardInterrupt:
+      if show_tracebacks():
+        raise
+      sys.stderr.write('Stopped at once by Ctrl-C. Checkpoints are renamed into place only when complete, so the '
+                       'newest committed one (if any) is intact: rerun the same command to resume from it.\n')
+      sys.stderr.flush()
+      sys.exit(INTERRUPTED_EXIT_STATUS)
     except UserError as e:
       if show_tracebacks():
         raise

@@ -476,6 +476,10 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
         checkpoints.save_train_state(manager, step, state, sharding.replicated(mesh))
       if preempted:
         checkpoints.finish_saving(manager)
+        if preemption_watch.interrupted:
+          raise errors.Preempted(
+              f'Stopped by Ctrl-C at step {step} of {num_steps}, after saving its checkpoint in '
+              f'{manager.directory}. Rerun the same command to resume from it.', errors.INTERRUPTED_EXIT_STATUS)
         raise errors.Preempted(
             f'Stopped by SIGTERM (preemption) at step {step} of {num_steps}, after saving its checkpoint in '
             f'{manager.directory}. Rerun the same command to resume from it (exit status '
