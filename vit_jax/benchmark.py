@@ -427,20 +427,24 @@ def row_jobs(job: dict, exchange: str, backend: str, cpu_matmuls, compare, threa
                          'compile': impl == 'timm_compile'}) for impl in compare]
 
 
+def turns(rows: list, rounds: int) -> list:
+  """The order rows are measured in: each round measures every row once, so drift falls on all alike."""
+  return [row for _ in range(rounds) for row in rows]
+
+
 def _measure_rows(job: dict, exchange: str, peak: dict) -> list:
   """One mode of one shape: ours under each CPU matmul library and each --compare implementation, taking turns
   for --rounds rounds (so that a machine's drift falls on all of them alike)."""
   rows = row_jobs(job, exchange, peak['backend'], _CPU_MATMULS.value, _COMPARE.value, _THREADS.value)
   measured = {impl: [] for impl, _ in rows}
   failed = {}
-  for _ in range(_ROUNDS.value):
-    for impl, worker_job in rows:
-      if impl in failed:
-        continue
-      try:
-        measured[impl].append(run_worker(worker_job, _WORKER_TIMEOUT.value))
-      except WorkerTimeout as e:
-        failed[impl] = str(e)
+  for impl, worker_job in turns(rows, _ROUNDS.value):
+    if impl in failed:
+      continue
+    try:
+      measured[impl].append(run_worker(worker_job, _WORKER_TIMEOUT.value))
+    except WorkerTimeout as e:
+      failed[impl] = str(e)
   batch = job['batch']
   ours = [impl for impl, _ in rows if impl.startswith('vit_jax')]
   flops_per_image = next((runs[0]['flops_per_image'] for impl, runs in measured.items() if impl in ours and runs),
