@@ -128,7 +128,7 @@ def _record(error: float, limit: float, what: str) -> None:
   if path:
     test = os.environ.get('PYTEST_CURRENT_TEST', '?').rsplit(' ', 1)[0]
     with open(path, 'a', encoding='utf-8') as f:
-      f.write(json.dumps({'test': test, 'what': what, 'error': error, 'tolerance': limit,
+      f.write(json.dumps({'test': test, 'what': what, 'error': float(error), 'tolerance': float(limit),
                           'cpu_matmul': os.environ.get('VIT_JAX_TEST_CPU_MATMUL', 'config'),
                           'cpus': len(os.sched_getaffinity(0))}) + '\n')
 

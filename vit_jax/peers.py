@@ -8,7 +8,12 @@ itself, naming the task ("The following tasks are unhealthy (stopped sending hea
 
 A survivor that notices first says which process is gone and exits with status 3, rather than waiting in a
 collective or at JAX's shutdown barrier, which held it for the heartbeat timeout and then aborted.
+
+The watch thread is stopped and joined before the process exits (on leaving, and at exit otherwise): a daemon
+thread still inside a jaxlib call when the interpreter finalizes is unwound through C++ frames that swallow the
+unwinding, and the process aborts ("terminate called ... FATAL: exception not rethrown") after its work is done.
 """
+import atexit
 import json
 import os
 import socket
@@ -23,7 +28,8 @@ from jax._src import distributed  # The coordination client: no public accessor 
 LOST_EXIT_STATUS = 3
 _KEY = 'vit_jax/process/{}'
 _LEAVING_KEY = 'vit_jax/leaving/{}'  # Set by a process that ends on purpose (done, preempted, a user error).
-_watching = threading.Event()
+_stop_watching = threading.Event()
+_watcher: Optional[threading.Thread] = None
 
 
 def _client():
@@ -43,20 +49,29 @@ def watch(interval_seconds: float = 1.0) -> None:
   if _client() is None:
     return
 
+  global _watcher
+
   def poll():
-    while _watching.is_set():
-      time.sleep(interval_seconds)
+    while not _stop_watching.wait(interval_seconds):
       lost = _lost_on_this_host()
-      if lost and _watching.is_set():
+      if lost and not _stop_watching.is_set():
         _stop(lost, 'noticed by the watch on this host')
 
-  _watching.set()
-  threading.Thread(target=poll, name='vit_jax_peers', daemon=True).start()
+  _stop_watching.clear()
+  _watcher = threading.Thread(target=poll, name='vit_jax_peers', daemon=True)
+  _watcher.start()
+  atexit.register(_stop_watch)  # Runs before the interpreter finalizes its threads (see the module docstring).
+
+
+def _stop_watch() -> None:
+  _stop_watching.set()
+  if _watcher is not None and _watcher is not threading.current_thread():
+    _watcher.join(timeout=60)  # At most the request in flight.
 
 
 def leaving() -> None:
   """This process ends on purpose: its peers must not take its exit for a loss; it stops watching them."""
-  _watching.clear()
+  _stop_watch()
   if _client() is not None:
     try:
       _client().key_value_set(_LEAVING_KEY.format(jax.process_index()), '1', allow_overwrite=True)
