@@ -13,9 +13,8 @@ its sums add along the deepest path, so the expected spread of the output is abo
 number of terms summed along that path (`roundoff`). Each tolerance is `MARGIN` times that, and each test says
 how it counts N.
 
-The survey behind the margin (the worst error observed per comparison, with 1 and 2 threads and both CPU matmul
-libraries) is reproduced by running the suite with VIT_JAX_TOLERANCE_LOG=FILE (each comparison appends its
-error and tolerance) and VIT_JAX_TEST_CPU_MATMUL=xla|onednn (conftest), e.g. under `taskset -c 0`.
+The survey behind the margin (the worst error of each comparison with 1 and 2 threads and both CPU matmul
+libraries, against its tolerance) is `tests/tolerance_survey.py`; its table is in docs/tolerances.md.
 """
 import json
 import math
