@@ -139,6 +139,7 @@ def test_the_table_lists_measured_and_timed_out_rows():
   assert 'no result within 200 s' in table[3]
 
 
+@pytest.mark.slow
 def test_the_gpu_comparison_script_refuses_a_machine_without_a_gpu(tmp_path):
   result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'gpu_benchmark.sh'), str(tmp_path / 'out')],
                           capture_output=True, text=True, timeout=120,

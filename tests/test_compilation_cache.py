@@ -30,6 +30,7 @@ def _write_many(directory, key, byte, times):
         pass
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_entry_leave_it_whole(tmp_path):
   directory = str(tmp_path)
   writers = [multiprocessing.get_context('spawn').Process(target=_write_many, args=(directory, 'key', b, 20))
