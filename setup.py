@@ -13,7 +13,7 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.10',
+    python_requires='>=3.11',  # jax >= 0.7 and flax 0.12 need it.
     packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
     install_requires=[
         'jax>=0.7',
