@@ -362,11 +362,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, adopt
   `fallback_to_intact_checkpoint`: False refuses to resume when the newest checkpoint is damaged, instead of
   setting it aside and resuming from the newest intact one."""
   config_lib.validate(config)
+  started = time.time()
   # Watched from here: a SIGTERM during setup or compilation stops the run at its first step, saved.
   preemption_watch = preemption.Watch()
   try:
     with _workdir_lock(workdir):
-      return _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint, preemption_watch)
+      return _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint, preemption_watch,
+                                 started)
   finally:
     preemption_watch.close()
 
@@ -397,7 +399,7 @@ def _workdir_lock(workdir: str):
       lock.release()
 
 
-def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint, preemption_watch):
+def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint, preemption_watch, started):
   # TensorFlow (tf.data, summaries) is imported only here: the steps above run without it (benchmarks, and
   # processes that use PyTorch, whose triton crashes when loaded after TensorFlow).
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -461,6 +463,9 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
       train_metrics.append(metrics)
       if step == start_step + 1:
         logger.restart_clock(step)  # The first step includes compilation.
+        if jax.process_index() == 0:
+          logging.info('Step %d done %.1f s after the run began (setup, restore and compilation included).', step,
+                       time.time() - started)
         compilation_cache.log_use(f'step {step}')
       if step % config.log_every_steps == 0 or step == num_steps:
         summary = jax.tree.map(lambda *x: float(np.mean(jax.device_get(x))), *train_metrics)
