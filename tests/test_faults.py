@@ -330,6 +330,25 @@ def test_bad_input_fails_in_one_line_before_any_work(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_a_workdir_or_data_dir_that_cannot_be_written_is_named_in_one_line(tmp_path, data_dir):
+  afile = tmp_path / 'afile'
+  afile.write_text('not a folder')
+  message = _assert_one_line_error(run_main(afile, *_flags(data_dir), check=False))
+  assert f'--workdir={afile} is a file, not a folder' in message
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', str(read_only)]).returncode != 0:
+    pytest.skip('mounting a read-only tmpfs needs root (CI runs as root)')
+  try:
+    message = _assert_one_line_error(run_main(read_only / 'run', *_flags(data_dir), check=False))
+    assert f'Cannot write into --workdir={read_only}/run: Read-only file system' in message
+    message = _assert_one_line_error(run_main(tmp_path / 'run', *_flags(str(read_only / 'tfds')), check=False))
+    assert f"Cannot build the dataset 'embedded_digits' into {read_only}/tfds: Read-only file system" in message
+  finally:
+    subprocess.run(['umount', str(read_only)], check=True)
+
+
+@pytest.mark.slow
 def test_pretrained_weights_holding_nan_are_refused_at_load_naming_the_array(tmp_path, reference, data_dir):
   params, _ = checkpoints.restore_params(str(reference), STEPS)
   scale = np.array(params['Transformer']['encoder_norm']['scale'])

@@ -5,6 +5,7 @@ keyed by the example's position in the stream, and a resumed run skips the examp
 any decoding. So a run restarted from a checkpoint sees exactly the batches an uninterrupted one would.
 """
 import dataclasses
+import errno
 import math
 from typing import Iterator, Optional
 
@@ -45,6 +46,12 @@ def get_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
         builder = make()
         if not builder.is_prepared():
           raise
+      except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+          raise
+        raise errors.DataError(f'Cannot build the dataset {name!r} into {data_dir or "~/tensorflow_datasets"}: '
+                               f'{e.strerror}. Give a --config.data_dir this user can write (it is built once, '
+                               'then read).') from None
     return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
