@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 import jax
 
+from vit_jax import host_cpu
 from vit_jax import paths
 
 AUTO = 'auto'
@@ -100,8 +101,9 @@ def enable(directory: str) -> None:
       jax_cache._cache_initialized = True  # pylint: disable=protected-access
   except AttributeError:
     logging.warning('This jax keeps its compilation cache elsewhere: its own file cache is used.')
-  logging.info('Compilation cache: %s (steps compiled with oneDNN dots on CPU are not kept: this jaxlib cannot '
-               'serialize them).', directory)
+  logging.info('Compilation cache: %s%s.', directory,
+               ' (steps compiled with oneDNN dots, config.cpu_matmul=onednn, are not kept: this jaxlib cannot '
+               'serialize them)' if host_cpu.runs_on_cpu() else '')
 
 
 def use() -> dict:
