@@ -239,7 +239,8 @@ def test_kill_9_or_two_ctrl_c_during_saves_lose_nothing(reference, tmp_path, dat
 @pytest.mark.slow
 @pytest.mark.parametrize('signum, status, stopped', [
     (signal.SIGTERM, errors.PREEMPTED_EXIT_STATUS, r'Stopped by SIGTERM \(preemption\)'),
-    (signal.SIGINT, errors.INTERRUPTED_EXIT_STATUS, r'Stopped by Ctrl-C')])  # A Ctrl-C: a preemption asked for.
+    (signal.SIGINT, errors.INTERRUPTED_EXIT_STATUS, r'Stopped by Ctrl-C')],  # A Ctrl-C: a preemption asked for.
+    ids=['sigterm', 'ctrl_c'])
 def test_sigterm_or_ctrl_c_saves_a_checkpoint_of_the_current_step_and_the_rerun_ends_where_an_uninterrupted_run_does(
     reference, tmp_path, data_dir, signum, status, stopped):
   workdir = tmp_path / 'preempted'
