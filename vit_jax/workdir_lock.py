@@ -47,15 +47,13 @@ class WorkdirLock:
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
       raise errors.WorkdirError(f'--workdir={self.workdir} is a file, not a folder: give a new folder (or a run\'s '
                                 'workdir to resume it).')
-    try:
-      os.makedirs(self.workdir, exist_ok=True)
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      raise errors.WorkdirError(f'Cannot write into --workdir={self.workdir}: {e.strerror}. Give a folder this '
-                                'user can write (a run writes its checkpoints and summaries there).') from None
-    os.close(fd)
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        os.makedirs(self.workdir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise errors.WorkdirError(f'Cannot write into --workdir={self.workdir}: {e.strerror}. Give a folder this '
+                                  'user can write (a run writes its checkpoints and summaries there).') from None
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError as e:

@@ -75,25 +75,25 @@ def scan(root: str) -> Tuple[Tuple[str, ...], Dict[str, List[Tuple[str, int]]]]:
                       f'{root}/dog/1.jpg, or train/ and test/ folders laid out that way; found {classes}.')
   examples = {'train': [], 'test': []}
   skipped = {}
-  for label, name in enumerate(classes):
-    if per_split:
-      for split, directory in per_split.items():
-        files = _list_images(os.path.join(directory, name), skipped)
-        if not files:
-          _report_skipped(skipped)
-          raise FolderError(f'Class {name!r} has no images in {os.path.join(directory, name)} (looked for '
-                            f'{", ".join(IMAGE_EXTENSIONS)}).')
-        examples[split] += [(os.path.join(directory, name, f), label) for f in files]
-    else:
-      files = _list_images(os.path.join(root, name), skipped)
-      if len(files) < 2:
-        _report_skipped(skipped)
-        raise FolderError(f'Class {name!r} has {len(files)} image(s) in {os.path.join(root, name)}: each class '
-                          f'needs at least 2 (one is held out for testing).')
-      for i, f in enumerate(files):
-        split = 'test' if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 or (i == len(files) - 1 and i < 4) else 'train'
-        examples[split].append((os.path.join(root, name, f), label))
-  _report_skipped(skipped)
+  try:  # The skipped files are listed whether the classes pass or not.
+    for label, name in enumerate(classes):
+      if per_split:
+        for split, directory in per_split.items():
+          files = _list_images(os.path.join(directory, name), skipped)
+          if not files:
+            raise FolderError(f'Class {name!r} has no images in {os.path.join(directory, name)} (looked for '
+                              f'{", ".join(IMAGE_EXTENSIONS)}).')
+          examples[split] += [(os.path.join(directory, name, f), label) for f in files]
+      else:
+        files = _list_images(os.path.join(root, name), skipped)
+        if len(files) < 2:
+          raise FolderError(f'Class {name!r} has {len(files)} image(s) in {os.path.join(root, name)}: each class '
+                            f'needs at least 2 (one is held out for testing).')
+        for i, f in enumerate(files):
+          split = 'test' if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 or (i == len(files) - 1 and i < 4) else 'train'
+          examples[split].append((os.path.join(root, name, f), label))
+  finally:
+    _report_skipped(skipped)
   return tuple(classes), examples
 
 
