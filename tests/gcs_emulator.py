@@ -1,8 +1,11 @@
-"""Runs gcp-storage-emulator (in memory, one bucket) with one gap to real GCS closed: its downloads carry no
+"""Runs gcp-storage-emulator (one bucket) with one gap to real GCS closed: its downloads carry no
 `x-goog-generation` header, which GCS always sends and TensorStore (orbax's array storage) requires to read
 ("Malformed StorageGeneration").
 
-  python tests/gcs_emulator.py HOST PORT BUCKET
+  python tests/gcs_emulator.py HOST PORT BUCKET [DATA_DIR]
+
+The bucket lives in memory, or under DATA_DIR when given: then the emulator can be stopped and started again
+on the same port and the bucket is still there (a storage outage).
 """
 from http import HTTPStatus
 import sys
@@ -25,5 +28,6 @@ objects.download = _download_with_generation
 from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == '__main__':
-  host, port, bucket = sys.argv[1:]
-  sys.exit(create_server(host, int(port), in_memory=True, default_bucket=bucket).run())
+  host, port, bucket, *data_dir = sys.argv[1:]
+  sys.exit(create_server(host, int(port), in_memory=not data_dir, default_bucket=bucket,
+                         data_dir=data_dir[0] if data_dir else None).run())

@@ -95,3 +95,10 @@ def test_analyze_command_writes_the_figures_of_a_trained_run(tmp_path, data_dir)
   assert summary['step'] == 30 and summary['grid'] == [4, 4] and summary['num_images'] == 16
   distance = np.asarray(summary['mean_attention_distance_px'])
   assert distance.shape == (2, 4) and np.all(distance > 0) and np.all(distance < 8 * np.sqrt(2))
+
+  # An --out that cannot be written (under a file: refused to root too) ends in one line naming it.
+  blocked = subprocess.run([sys.executable, '-m', 'vit_jax.analyze', f'--workdir={workdir}',
+                            f'--out={out}/analysis.json/figures', '--num_images=16'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+  assert blocked.returncode == 2 and 'Traceback' not in blocked.stderr, blocked.stderr[-3000:]
+  assert f'Error: Cannot use {out}/analysis.json' in blocked.stderr and 'Not a directory' in blocked.stderr

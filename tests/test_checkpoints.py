@@ -137,6 +137,10 @@ def test_mismatches_and_broken_files_get_clear_errors(tmp_path):
     checkpoints.load_npz(str(tmp_path / 'corrupt.npz'))
   with pytest.raises(checkpoints.CheckpointError, match='does not exist'):
     checkpoints.load_npz(str(tmp_path / 'missing.npz'))
+  # `init_from` a folder that is not a workdir: named as such, not as a damaged file.
+  (tmp_path / 'not_a_workdir').mkdir()
+  with pytest.raises(checkpoints.CheckpointError, match='is a folder, not a .npz file, and not a vit_jax workdir'):
+    checkpoints.load_pretrained(str(tmp_path / 'not_a_workdir'))
 
 
 @pytest.mark.slow

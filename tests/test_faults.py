@@ -376,3 +376,58 @@ def test_the_workdir_lock_names_its_holder_and_is_free_once_released(tmp_path):
   assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)
   with workdir_lock.WorkdirLock(str(tmp_path)):
     assert json.load(open(tmp_path / workdir_lock.LOCK_FILE))['pid'] == os.getpid()
+
+
+def _damage_flip(folder):
+  train_file, = glob.glob(os.path.join(folder, '*-train.tfrecord-*'))
+  data = bytearray(open(train_file, 'rb').read())
+  data[1000:1064] = bytes(b ^ 0xFF for b in data[1000:1064])
+  open(train_file, 'wb').write(bytes(data))
+
+
+def _damage_cut(folder):
+  train_file, = glob.glob(os.path.join(folder, '*-train.tfrecord-*'))
+  os.truncate(train_file, os.path.getsize(train_file) // 2)
+
+
+def _damage_delete(folder):
+  train_file, = glob.glob(os.path.join(folder, '*-train.tfrecord-*'))
+  os.remove(train_file)
+
+
+def _damage_info(folder):
+  os.truncate(os.path.join(folder, 'dataset_info.json'), 300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage, what', [(_damage_flip, 'a record is altered or cut'),
+                                          (_damage_cut, 'a record is altered or cut'),
+                                          (_damage_delete, 'a file is missing'),
+                                          (_damage_info, 'its metadata cannot be read')],
+                         ids=['bytes flipped', 'data file cut', 'data file deleted', 'dataset_info.json cut'])
+def test_a_damaged_dataset_is_named_with_how_to_rebuild_it(tmp_path, data_dir, damage, what):
+  short = ('--config.total_steps=10', '--config.warmup_steps=2')
+  built = os.path.join(data_dir, 'embedded_digits')
+  if not os.path.isdir(built):  # Built by any earlier run of the session; else by this one.
+    run_main(tmp_path / 'build', *_flags(data_dir, *short))
+  copy = tmp_path / 'tfds'
+  shutil.copytree(built, copy / 'embedded_digits')
+  version, = glob.glob(str(copy / 'embedded_digits' / '*'))
+  damage(version)
+  result = run_main(tmp_path / 'run', *_flags(str(copy), *short), check=False)
+  message = _assert_one_line_error(result)
+  assert f"The prepared dataset 'embedded_digits' is damaged: {what}" in message
+  assert f'Delete {copy}/embedded_digits and rerun' in message
+  if damage is _damage_flip:  # The advice works.
+    shutil.rmtree(copy / 'embedded_digits')
+    assert 'Final test accuracy' in run_main(tmp_path / 'rerun', *_flags(str(copy), *short)).stdout
+
+
+def test_out_of_memory_names_the_batch_size_and_the_settings_that_lower_it(tmp_path, data_dir):
+  # An MLP kernel of 32 TiB: one allocation no host has, refused at once (nothing is touched first).
+  result = run_main(tmp_path / 'run', *_flags(data_dir, '--config.model.mlp_dim=68719476736'), check=False)
+  message = _assert_one_line_error(result)
+  assert 'Out of memory on the CPU devices' in message and 'RESOURCE_EXHAUSTED' in message
+  for part in ('config.batch_size=32 (32 per device on 1)', '--config.batch_size=16', '--config.accum_steps=2',
+               '--config.model.remat=True', '--config.dtype=bfloat16', '--config.mesh.fsdp'):
+    assert part in message, part

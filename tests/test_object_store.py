@@ -39,37 +39,59 @@ def _free_port():
     return s.getsockname()[1]
 
 
+class Emulator:
+  """The GCS emulator on a port of its own; `on_disk`: the bucket kept in a folder, so that `stop()` and
+  `start()` again make a storage outage that loses nothing."""
+
+  def __init__(self, log_dir, on_disk=False):
+    self.port = _free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    self.log = open(log_dir / 'emulator.log', 'a')
+    self.data_dir = str(log_dir / 'bucket') if on_disk else None
+    self.server = None
+
+  def start(self):
+    self.server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'tests', 'gcs_emulator.py'), '127.0.0.1', str(self.port), BUCKET,
+         *([self.data_dir] if self.data_dir else [])], stdout=self.log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+      try:
+        urllib.request.urlopen(f'{self.url}/storage/v1/b/{BUCKET}', timeout=2).read()
+        return
+      except OSError:
+        assert self.server.poll() is None and time.time() < deadline, 'the GCS emulator did not start'
+        time.sleep(0.2)
+
+  def stop(self):
+    self.server.terminate()
+    self.server.send_signal(signal.SIGCONT)  # A frozen one takes the SIGTERM when it runs again.
+    self.server.wait()
+
+  def client_env(self):
+    """What points every client at it (in a subprocess's environment, or this one's)."""
+    return {'STORAGE_EMULATOR_HOST': self.url, 'TENSORSTORE_GCS_HTTP_URL': self.url, 'EPATH_USE_TF': 'false',
+            'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}
+
+
 @pytest.fixture(scope='module')
 def gcs(tmp_path_factory):
   """The emulator's URL, with this process's environment pointing every client at it (restored after)."""
-  port = _free_port()
-  log = open(tmp_path_factory.mktemp('gcs') / 'emulator.log', 'w')
-  server = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'gcs_emulator.py'), '127.0.0.1', str(port),
-                             BUCKET], stdout=log, stderr=subprocess.STDOUT)
-  url = f'http://127.0.0.1:{port}'
-  deadline = time.time() + 60
-  while True:
-    try:
-      urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}', timeout=2).read()
-      break
-    except OSError:
-      assert server.poll() is None and time.time() < deadline, 'the GCS emulator did not start'
-      time.sleep(0.2)
-  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url, 'EPATH_USE_TF': 'false',
-         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}
+  emulator = Emulator(tmp_path_factory.mktemp('gcs'))
+  emulator.start()
+  env = emulator.client_env()
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   gpath._is_tf_installed.cache_clear()  # epath reads EPATH_USE_TF once per process (cached).
-  yield url
+  yield emulator.url
   for key, value in saved.items():
     if value is None:
       os.environ.pop(key)
     else:
       os.environ[key] = value
   gpath._is_tf_installed.cache_clear()
-  server.terminate()
-  server.wait()
-  log.close()
+  emulator.stop()
+  emulator.log.close()
 
 
 def _objects(url, prefix):
@@ -185,3 +207,84 @@ def test_gcsfs_warnings_repeated_per_request_are_shown_once():
     assert handler.filter(shown) and shown.msg == 'Could not determine bucket type for other: credentials'
   finally:
     handler.filters[:] = before
+
+
+def _wait_for(condition, process, log_path, what, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    assert process.poll() is None, f'the run ended before {what}:\n{log_path.read_text()[-3000:]}'
+    assert time.time() < deadline, f'no {what} within {timeout} s:\n{log_path.read_text()[-3000:]}'
+    time.sleep(0.05)
+
+
+OUTAGE_S = 50  # Longer than gcsfs's own retries (~40 s): the write fails, and is made again once storage is back.
+
+
+@pytest.mark.slow
+def test_storage_frozen_at_the_start_and_down_mid_run_is_waited_out_said_and_loses_nothing(tmp_path, data_dir,
+                                                                                           reference_run):
+  emulator = Emulator(tmp_path, on_disk=True)
+  emulator.start()  # Creates the bucket, on disk.
+  emulator.server.send_signal(signal.SIGSTOP)  # Frozen at the start: connections are taken, never answered.
+  run, workdir = 'runs/outage', f'gs://{BUCKET}/runs/outage'
+  log_path = tmp_path / 'run.log'
+  with open(log_path, 'w') as log:
+    process = subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *TINY,
+                                f'--config.data_dir={data_dir}'], cwd=ROOT, env={**os.environ,
+                                **emulator.client_env()}, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+      _wait_for(lambda: 'the start of the run waits for it' in log_path.read_text(), process, log_path,
+                'word of the storage being down at the start')
+      emulator.server.send_signal(signal.SIGCONT)
+      _wait_for(lambda: _committed_steps(emulator.url, run), process, log_path, 'committed checkpoint')
+      emulator.stop()  # Mid-run: the next writes (events, the next checkpoint) meet no storage.
+      time.sleep(OUTAGE_S)
+      emulator.start()
+      assert process.wait(timeout=600) == 0, log_path.read_text()[-5000:]
+    finally:
+      if process.poll() is None:
+        process.kill()
+      emulator.stop()
+  text = log_path.read_text()
+  assert 'Traceback' not in text, text[-5000:]
+  down = [line for line in text.splitlines() if 'does not answer' in line]
+  again = [line for line in text.splitlines() if 'answers again' in line]
+  assert any('the start of the run' in line and 'TimeoutError' in line for line in down), down + again
+  assert any('the start of the run' in line for line in again), down + again
+  # Mid-run: what waited is named, and that it went on.
+  mid_run = [line for line in again if 'the start of the run' not in line]
+  assert mid_run and all('the checkpoint of step' in line or 'TensorBoard events' in line for line in mid_run), (
+      down + again)
+  assert 'trying again once it answers' in text, down + again  # A write failed and was made again.
+  assert 'Final test accuracy' in text
+
+  emulator.start()  # Read through the code under test: the run's final parameters are an uninterrupted run's.
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      for key, value in emulator.client_env().items():
+        patch.setenv(key, value)
+      gpath._is_tf_installed.cache_clear()
+      assert _committed_steps(emulator.url, run)[-1] == STEPS
+      ours = checkpoints.restore_params(workdir, STEPS, ema=False)[0]
+    gpath._is_tf_installed.cache_clear()
+  finally:
+    emulator.stop()
+  theirs = checkpoints.restore_params(str(reference_run), STEPS, ema=False)[0]
+  tolerances.assert_close(ours, theirs, tolerances.RESUMED_RUN, 'parameters')
+
+
+def test_storage_that_never_answers_ends_in_one_line_saying_what_is_safe(tmp_path, data_dir):
+  nothing_there = f'http://127.0.0.1:{_free_port()}'
+  env = {'STORAGE_EMULATOR_HOST': nothing_there, 'TENSORSTORE_GCS_HTTP_URL': nothing_there,
+         'EPATH_USE_TF': 'false', 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}
+  started = time.time()
+  result = run_main(f'gs://{BUCKET}/runs/never', *TINY, f'--config.data_dir={data_dir}',
+                    '--config.storage_patience_minutes=0.1', env=env, check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  error = [line for line in result.stderr.splitlines() if line.startswith('Error:')]
+  assert len(error) == 1, result.stderr[-3000:]
+  assert f'Storage of gs://{BUCKET}/runs/never has not answered for' in error[0]
+  assert 'cannot be counted while storage does not answer' in error[0] and 'Rerun the same command' in error[0]
+  assert 'until' in result.stderr and 'storage_patience_minutes' in result.stderr  # The wait was said.
+  assert time.time() - started < 60  # Patience 6 s, then probes that are refused at once.

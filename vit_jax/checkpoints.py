@@ -32,6 +32,7 @@ import scipy.ndimage
 from vit_jax import errors
 from vit_jax import models
 from vit_jax import paths
+from vit_jax import storage
 
 POSEMB_PATH = ('Transformer', 'posembed_input', 'pos_embedding')
 CHECKPOINT_DIR = 'checkpoints'  # Inside a workdir.
@@ -67,6 +68,10 @@ def load_npz(path: str) -> Dict[str, Any]:
   corrupt or truncated file fails now, naming the file, not halfway through building a model."""
   if not paths.exists(path):
     raise CheckpointError(f'Checkpoint file {path!r} does not exist.')
+  if paths.isdir(path):
+    raise CheckpointError(f'{path!r} is a folder, not a .npz file, and not a vit_jax workdir either (it has no '
+                          f'{CHECKPOINT_DIR}/ folder): give the workdir of a `python -m vit_jax.main` run, or a '
+                          'published-layout .npz file.')
   try:
     with paths.open_file(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
       flat = {key: data[key] for key in data.files}
@@ -92,7 +97,11 @@ def train_state_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   checkpoint to a temporary folder and renames it when complete: a crash mid-save leaves the previous one as
   the latest readable checkpoint."""
   _quiet_echoes_of_failed_io()
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+  # Folders are created before `save` returns: created in the background, a failure to create them (storage
+  # down) left orbax's writer threads waiting minutes for a signal that never came, holding the process open.
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=True,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=(STATE_ITEM, INTEGRITY_ITEM))
 
 
@@ -168,21 +177,18 @@ def finish_saving(manager: ocp.CheckpointManager) -> None:
 
 
 def _write_failed(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointError:
+  down = storage.problem(manager.directory)
+  if down is not None:  # Nothing can be counted: a listing now would find nothing and mislead.
+    return CheckpointError(
+        f'Writing a checkpoint into {manager.directory} failed: its storage does not answer ({down}). '
+        f'Checkpoints written before are intact (orbax commits each one whole), but the newest cannot be counted '
+        f'while storage is down. Rerun the same command once it answers: the run resumes from the newest.')
   steps = [step for step in manager.all_steps() if paths.isdir(paths.join(manager.directory, str(step)))]
   newest = f'step {max(steps)}' if steps else 'none: the run starts over'
   return CheckpointError(
-      f'Writing a checkpoint into {manager.directory} failed ({_short(error, 600)}). Checkpoints written '
+      f'Writing a checkpoint into {manager.directory} failed ({errors.one_line(error, 600)}). Checkpoints written '
       f'before are intact (orbax commits each one whole); the newest is {newest}. Free space or fix the storage, '
       f'then rerun the same command to resume from it.')
-
-
-def _short(error: BaseException, limit: int = 400) -> str:
-  """An exception in one line, cut: storage errors quote kilobytes of their spec. The storage library's own
-  error, when there is one underneath, names the array and file; it is the one shown."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  text = ' '.join(f'{type(error).__name__}: {error}'.split())
-  return text if len(text) <= limit else text[:limit] + ' ...'
 
 
 def _is_echo_of_failed_io(error: BaseException) -> bool:
@@ -229,7 +235,7 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, state_args, out
       problem = ('it was written by a vit_jax without integrity records (a "default" item): it cannot be '
                  'verified; resume it with that version, or start a new --workdir')
     else:
-      problem = f'it cannot be read ({_short(e)})'
+      problem = f'it cannot be read ({errors.one_line(e)})'
   if jax.process_count() > 1:  # A process that failed to read must not leave the others in a collective.
     if not np.all(multihost_utils.process_allgather(np.array(problem is None))):
       problem = problem or 'another process could not read its part of it'
@@ -368,7 +374,7 @@ def _read_verified(manager: ocp.CheckpointManager, step: int, select) -> Dict[st
     metadata = dict(manager.item_metadata(step)[STATE_ITEM])
   except Exception as e:  # pylint: disable=broad-except
     raise CorruptCheckpoint(f'The checkpoint of step {step} ({manager.directory}/{step}) is not intact: its '
-                            f'metadata cannot be read ({_short(e)}).') from None
+                            f'metadata cannot be read ({errors.one_line(e)}).') from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   # Only the selected parts are read (and verified); the rest stays on disk.
   target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[key])

@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 5_000
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 3
+  # An object-store workdir (gs://) that stops answering: the run waits this long for it (saying so), then
+  # stops; a rerun resumes from the newest committed checkpoint (`storage.py`).
+  config.storage_patience_minutes = 30.0
   # (first, last): a profiler trace of these steps, for TensorBoard's Profile tab (<workdir>/plugins/profile).
   # Start after the first step (compilation) and trace a few: e.g. --config.profile_steps='(10, 14)'.
   config.profile_steps = ()
@@ -211,6 +214,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'{tuple(fewshot.l2_regs)} positive, every_steps {fewshot.every_steps} at least 1 (or None: at the end).')
   for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     check(config[field] >= 1, f'config.{field}={config[field]} must be at least 1.')
+  check(config.storage_patience_minutes >= 0, f'config.storage_patience_minutes={config.storage_patience_minutes} '
+                                             'must not be negative (0: stop as soon as storage fails).')
   check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
   for field in ('b1', 'b2', 'momentum', 'label_smoothing', 'model.dropout_rate', 'model.attention_dropout_rate'):
     value = config[field]  # ConfigDict reads dotted fields ('model.dropout_rate') itself.
@@ -262,11 +267,11 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None
 
 # What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates,
 # checkpoints, profiles and few-shot evaluates, where it reads the data, how it lays out devices, which CPU
-# matmul library runs, where compiled executables are cached. Anything else would silently continue the recorded
-# run under other settings.
+# matmul library runs, where compiled executables are cached, how long it waits for storage. Anything else
+# would silently continue the recorded run under other settings.
 RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'cpu_matmul', 'eval_batch_size',
-                     'fewshot', 'compilation_cache_dir')
+                     'fewshot', 'compilation_cache_dir', 'storage_patience_minutes')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

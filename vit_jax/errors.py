@@ -4,6 +4,7 @@ status 75 (rerun to resume). Anything else is a bug and keeps its full traceback
 
 No heavy imports here: `config_lib` and the models use it before JAX or TensorFlow start.
 """
+import errno
 import logging as py_logging
 import os
 import sys
@@ -52,6 +53,15 @@ class Preempted(Exception):
     self.exit_status = exit_status
 
 
+def one_line(error: BaseException, limit: int = 400) -> str:
+  """An exception in one line, cut: storage errors quote kilobytes of their spec. The library's own error,
+  when there is one underneath (the storage library's names the array and file), is the one shown."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = ' '.join(f'{type(error).__name__}: {error}'.split())
+  return text if len(text) <= limit else text[:limit] + ' ...'
+
+
 def show_tracebacks() -> bool:
   """Whether the user asked for tracebacks (--verbose, or the environment variable)."""
   verbose = 'verbose' in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.verbose
@@ -84,6 +94,17 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+_PATH_REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR)
+
+
+def _exit_with_one_line(error) -> None:
+  if show_tracebacks():
+    raise  # pylint: disable=misplaced-bare-raise  (called inside an except block)
+  sys.stderr.write(f'Error: {error}\n(--verbose or {TRACEBACK_ENV}=1 shows the traceback)\n')
+  sys.stderr.flush()
+  sys.exit(2)
+
+
 def run(main) -> None:
   """`absl.app.run(main)`, with user errors printed as one message and exit status 2."""
   # Defined here, not at import: libraries and notebooks import this module too.
@@ -104,10 +125,12 @@ def run(main) -> None:
       sys.stderr.flush()
       sys.exit(INTERRUPTED_EXIT_STATUS)
     except UserError as e:
-      if show_tracebacks():
+      _exit_with_one_line(e)
+    except OSError as e:
+      # The machine refusing a path the user gave (an output, a folder): theirs to fix, not a bug.
+      if e.errno not in _PATH_REFUSALS or not e.filename:
         raise
-      sys.stderr.write(f'Error: {e}\n(--verbose or {TRACEBACK_ENV}=1 shows the traceback)\n')
-      sys.stderr.flush()
-      sys.exit(2)
+      _exit_with_one_line(f'Cannot use {e.filename}: {e.strerror}. Give a path this user can write (the flags '
+                          'name them: --workdir, --out, --config.data_dir).')
 
   app.run(main_reporting_user_errors)

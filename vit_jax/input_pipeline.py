@@ -6,10 +6,16 @@ any decoding. So a run restarted from a checkpoint sees exactly the batches an u
 """
 import dataclasses
 import errno
+import json
 import math
+import os
+import re
+import traceback
 from typing import Iterator, Optional
 
 import jax
+from google.protobuf import json_format
+from google.protobuf import message
 import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -66,6 +72,36 @@ def get_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
         f'e.g. `tfds build {name} --data_dir={data_dir or "~/tensorflow_datasets"}` (ImageNet needs its '
         f'archives placed in <data_dir>/downloads/manual first), then pass --config.data_dir=<data_dir>.')
   return builder
+
+
+def damaged_dataset_error(error: BaseException, name: str, data_dir: Optional[str]) -> Optional[errors.DataError]:
+  """A DataError naming the dataset and how to rebuild it, when `error` is TensorFlow or tfds failing on the
+  files of a prepared dataset (a record altered or cut, a file missing, its metadata unreadable); else None."""
+  root = data_dir or os.path.expanduser('~/tensorflow_datasets')
+  if name in embedded.BUILDERS:
+    folder_name = embedded.BUILDERS[name].name
+  elif name.startswith(folder.PREFIX):
+    folder_name = None  # Named after the image folder and a hash of its path (`folder.builder_for`).
+  else:
+    folder_name = name.split(':')[0].split('/')[0]
+  where = os.path.join(root, folder_name) if folder_name else root
+  tfds_frames = any('tensorflow_datasets' in frame.filename for frame in traceback.extract_tb(error.__traceback__))
+  if isinstance(error, tf.errors.DataLossError):
+    what = 'a record is altered or cut'
+  elif isinstance(error, tf.errors.NotFoundError) and root in str(error):
+    what = 'a file is missing'
+  elif tfds_frames and isinstance(error, (json.JSONDecodeError, json_format.ParseError, message.DecodeError)):
+    what = 'its metadata cannot be read'
+  else:
+    return None
+  if name in embedded.BUILDERS or name.startswith(folder.PREFIX):
+    rebuild = 'rerun: this job builds it again from its source files'
+  else:
+    rebuild = f'prepare it again: `tfds build {name} --data_dir={root}`'
+  # TensorFlow's text carries its op's internal names around the message: dropped.
+  reason = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:[^\]]*\].*$', '', errors.one_line(error, 1000))[:200]
+  return errors.DataError(f'The prepared dataset {name!r} is damaged: {what} ({reason}). '
+                          f'Delete {where}{"" if folder_name else "/<its folder>"} and {rebuild}.')
 
 
 def get_info(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> DatasetInfo:

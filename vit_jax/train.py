@@ -8,6 +8,7 @@ pod.
 import contextlib
 import dataclasses
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, Tuple
@@ -35,6 +36,7 @@ from vit_jax import objectives
 from vit_jax import paths
 from vit_jax import preemption
 from vit_jax import sharding
+from vit_jax import storage
 from vit_jax import workdir_lock
 
 
@@ -237,7 +239,7 @@ class ProgressLogger:
   """Logs step, loss, steps/s, images/s and ETA, and writes TensorBoard scalars (process 0 only)."""
 
   def __init__(self, workdir: str, num_steps: int, batch_size: int, start_step: int,
-               train_flops_per_image: float = None):
+               train_flops_per_image: float = None, *, storage_patience_s: float = 0.0):
     self.enabled = jax.process_index() == 0
     self.num_steps, self.batch_size = num_steps, batch_size
     # Model FLOP/s per device and MFU (`flops.py`): the peak is looked up, or measured on a CPU host.
@@ -246,7 +248,7 @@ class ProgressLogger:
     self.last_step, self.last_time = start_step, time.perf_counter()
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see train_and_evaluate)
     self.summary = tf.summary
-    self.writer = None
+    self.writer, self.patience_s = None, storage_patience_s
     if self.enabled:
       # TensorFlow reaches gs:// only through its own client and s3:// not at all without tensorflow-io: for a
       # URL, events are written to a local folder and each flush uploads the event file whole through the path
@@ -263,7 +265,8 @@ class ProgressLogger:
         self.summary.scalar(name, value, step=step)
     self.writer.flush()
     if self.upload_to:
-      paths.upload_tree(self.events_dir, self.upload_to)
+      storage.retrying(self.upload_to, f'uploading the TensorBoard events of step {step}',
+                       lambda: paths.upload_tree(self.events_dir, self.upload_to), patience_s=self.patience_s)
 
   def train_metrics(self, step: int, metrics: Dict[str, float]) -> None:
     now = time.perf_counter()
@@ -317,6 +320,48 @@ class StepProfiler:
       self.trace_dir = None
 
 
+class CheckpointWriter:
+  """Saves train states into a workdir's manager in the background, one at a time. On an object store that
+  stops answering (one process), a save is waited out and made again (`storage.py`); a background save that
+  the outage failed is said and replaced by the next. With several processes a save is a collective that all
+  would have to repeat together: there any failure stops the run (a rerun resumes)."""
+
+  def __init__(self, manager: ocp.CheckpointManager, workdir: str, replicated, patience_s: float):
+    self.manager, self.workdir, self.replicated, self.patience_s = manager, workdir, replicated, patience_s
+    self.in_flight = None  # The step being written in the background.
+    self.retries = jax.process_count() == 1
+
+  def wait(self) -> None:
+    """Waits for the save in flight. One that failed because storage failed is said, not raised."""
+    step, self.in_flight = self.in_flight, None
+    if step is None:
+      return
+    try:
+      with storage.reporting_stalls(self.workdir, f'the checkpoint of step {step}'):
+        checkpoints.finish_saving(self.manager)
+    except errors.CheckpointError as e:
+      if not (self.retries and storage.is_outage(self.workdir, e)):
+        raise
+      logging.warning('The checkpoint of step %d was not written: its storage failed (%s). The next checkpoint '
+                      'replaces it.', step, errors.one_line(e, 300))
+
+  def save(self, step: int, state: TrainState, *, commit: bool) -> None:
+    """Starts saving `state`; `commit`: and returns once it is committed (the last step, a preemption)."""
+
+    def save_once():
+      self.wait()
+      checkpoints.save_train_state(self.manager, step, state, self.replicated)
+      self.in_flight = step
+      if commit:
+        self.in_flight = None
+        checkpoints.finish_saving(self.manager)
+
+    if not self.retries:
+      return save_once()
+    storage.retrying(self.workdir, f'the checkpoint of step {step}', save_once, patience_s=self.patience_s,
+                     safe=lambda: UNCOUNTED_CHECKPOINTS)
+
+
 def _format_seconds(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -363,14 +408,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, adopt
   setting it aside and resuming from the newest intact one."""
   config_lib.validate(config)
   started = time.time()
+  for path, what in ((workdir, 'the start of the run'), (config.data_dir, 'reading the dataset')):
+    if path:
+      storage.wait_until_answering(path, what=what, patience_s=config.storage_patience_minutes * 60,
+                                   safe=lambda: UNCOUNTED_CHECKPOINTS)
   # Watched from here: a SIGTERM during setup or compilation stops the run at its first step, saved.
   preemption_watch = preemption.Watch()
   try:
     with _workdir_lock(workdir):
       return _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkpoint, preemption_watch,
                                  started)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised, as it is or as one line)
+    if isinstance(e, (errors.UserError, errors.Preempted)):
+      raise
+    cause = _cause_a_user_can_fix(e, config, workdir)
+    if cause is None:
+      raise
+    raise cause from e
   finally:
     preemption_watch.close()
+
+
+UNCOUNTED_CHECKPOINTS = 'Its newest committed checkpoint cannot be counted while storage does not answer. '
+
+
+def _cause_a_user_can_fix(error: Exception, config: ml_collections.ConfigDict, workdir: str):
+  """The user error behind a library's exception, when there is one: storage that stopped answering (outside
+  the calls that wait for it), devices out of memory, a damaged dataset. None: a bug, keep the traceback."""
+  down = next((problem for problem in map(storage.problem, (workdir, config.data_dir or '')) if problem), None)
+  if down is not None:
+    return storage.StorageUnreachable(
+        f'Storage of {workdir} does not answer ({down}); the run stopped ({errors.one_line(error, 300)}). '
+        f'{UNCOUNTED_CHECKPOINTS}Rerun the same command once it answers: the run resumes from its newest '
+        'committed checkpoint.')
+  if 'RESOURCE_EXHAUSTED' in str(error):
+    devices = jax.device_count()
+    return errors.ConfigError(
+        f'Out of memory on the {jax.devices()[0].platform.upper()} devices ({errors.one_line(error, 200)}). What '
+        f'sets the memory a step needs: config.batch_size={config.batch_size} ({config.batch_size // devices} '
+        f'per device on {devices}), the model ({config.model.name}, from config.model), '
+        f'config.dtype={config.dtype}. Lower the batch (e.g. --config.batch_size={max(1, config.batch_size // 2)}'
+        f'), or keep it and split it in micro-batches (--config.accum_steps=2), recompute activations '
+        '(--config.model.remat=True), compute in bfloat16 (--config.dtype=bfloat16), or shard the parameters '
+        'over more devices (--config.mesh.fsdp).')
+  if 'tensorflow' in sys.modules:  # Only TensorFlow reads datasets.
+    from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.damaged_dataset_error(error, config.dataset, config.data_dir)
+  return None
 
 
 @contextlib.contextmanager
@@ -409,6 +493,8 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
   num_steps = total_steps(config, info.num_train_examples)
   run = setup(config, mesh, info.num_classes, num_steps, info.channels)
   manager = checkpoints.train_state_manager(workdir, config.keep_checkpoints)
+  writer = CheckpointWriter(manager, workdir, sharding.replicated(mesh), config.storage_patience_minutes * 60)
+
   if manager.latest_step() is not None:
     config_lib.check_resumable(config, workdir, adopt=adopt_config)
   if jax.process_index() == 0:
@@ -447,7 +533,8 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
 
   logger = ProgressLogger(workdir, num_steps, config.batch_size, start_step,
                           flops.train_flops_per_image(config, info.num_classes, info.channels)
-                          if jax.process_index() == 0 else None)
+                          if jax.process_index() == 0 else None,
+                          storage_patience_s=config.storage_patience_minutes * 60)
   profiler = StepProfiler(config.profile_steps, workdir)
   fewshot_evaluator = None
   if config.fewshot.tasks:
@@ -478,9 +565,8 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
         # Checked at this very step: a diverging run never replaces finite checkpoints by non-finite ones.
         if not bool(all_finite((metrics['loss'], state.params))):
           raise divergence_error('the loss or parameters are not finite', step, config, manager)
-        checkpoints.save_train_state(manager, step, state, sharding.replicated(mesh))
+        writer.save(step, state, commit=preempted or step == num_steps)
       if preempted:
-        checkpoints.finish_saving(manager)
         if preemption_watch.interrupted:
           raise errors.Preempted(
               f'Stopped by Ctrl-C at step {step} of {num_steps}, after saving its checkpoint in '
@@ -499,7 +585,7 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
     result = evaluate_and_log(eval_fn, state, eval_ds, mesh, logger, num_steps)
     if fewshot_evaluator:
       result.update(fewshot_and_log(fewshot_evaluator, state, logger, num_steps))
-  checkpoints.finish_saving(manager)
+  writer.wait()
   manager.close()
   return {**result, 'step': int(jax.device_get(state.step)), 'train_loss': summary.get('loss')}
 
