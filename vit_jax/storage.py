@@ -1,7 +1,7 @@
 """Whether the object store behind a workdir answers, and what a run does while it does not.
 
-Storage libraries retry on their own (gcsfs about 40 s, TensorStore minutes), silently: a short outage looks
-like a stalled run, a long one like a failed write. Here a run waits for storage visibly (a line when it stops
+Storage libraries retry on their own, silently (docs/faults.md): a short outage looks like a stalled run, a
+long one like a failed write. Here a run waits for storage visibly (a line when it stops
 answering, what waits, until when; a line when it answers again), and when it gives up says what is safe.
 
 "Answers" means an HTTP answer of any status from the store's endpoint: an unauthorised request still shows
