@@ -124,11 +124,17 @@ def test_a_workdir_resumes_only_under_its_own_config_or_a_longer_schedule(tmp_pa
   config_lib.save_workdir_config(recorded, str(tmp_path))
   longer = load_config('default.py')
   longer.num_epochs, longer.eval_every_steps, longer.mesh.data = 9.0, 100, 2
+  longer.accum_steps, longer.model.remat = 4, True  # The same update, in less memory per device.
   config_lib.check_resumable(longer, str(tmp_path))  # Extending the run and logging more often are fine.
   other = load_config('default.py')
   other.lr, other.model.conv_stem = 3e-3, (16,)
   with pytest.raises(ValueError, match=r'lr: 0.001 -> 0.003; model.conv_stem: \[32\] -> \[16\]'):
     config_lib.check_resumable(other, str(tmp_path))
+  for field, value in (('dtype', 'bfloat16'), ('scan', True)):  # Other math; another parameter layout.
+    other = load_config('default.py')
+    (other.model if field == 'scan' else other)[field] = value
+    with pytest.raises(ValueError, match=field):
+      config_lib.check_resumable(other, str(tmp_path))
   # Checkpoints without a readable record: nothing shows the config continues their run, unless adopted.
   (tmp_path / 'lost').mkdir()
   with pytest.raises(errors.WorkdirError, match=r'config.json is missing, but .* --adopt_config'):

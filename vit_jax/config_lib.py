@@ -267,11 +267,17 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None
 
 # What a resumed run may change: how long it runs (extending a finished run), how often it logs, evaluates,
 # checkpoints, profiles and few-shot evaluates, where it reads the data, how it lays out devices, which CPU
-# matmul library runs, where compiled executables are cached, how long it waits for storage. Anything else
-# would silently continue the recorded run under other settings.
+# matmul library runs, where compiled executables are cached, how long it waits for storage, and how a step
+# is computed when the update stays the same (micro-batches and recomputed activations: what a move to a
+# slice with less memory per device needs). Anything else would silently continue the recorded run under other
+# settings. A dotted name allows that one field of a group.
 RESUMABLE_CHANGES = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'profile_steps', 'data_dir', 'mesh', 'cpu_devices', 'cpu_matmul', 'eval_batch_size',
-                     'fewshot', 'compilation_cache_dir', 'storage_patience_minutes')
+                     'fewshot', 'compilation_cache_dir', 'storage_patience_minutes', 'accum_steps', 'model.remat')
+
+
+def _may_change_on_resume(key: str) -> bool:
+  return any(key == allowed or key.startswith(allowed + '.') for allowed in RESUMABLE_CHANGES)
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:
@@ -301,7 +307,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str, adopt: bool
         'a new --workdir.') from None
   current = _flat(json.loads(config.to_json_best_effort()))
   changed = sorted(key for key in recorded.keys() & current.keys()
-                   if recorded[key] != current[key] and key.split('.')[0] not in RESUMABLE_CHANGES)
+                   if recorded[key] != current[key] and not _may_change_on_resume(key))
   if changed:
     details = '; '.join(f'{key}: {recorded[key]!r} -> {current[key]!r}' for key in changed)
     raise errors.ConfigError(f'{workdir} holds checkpoints of a run with another config ({details}); resuming '
