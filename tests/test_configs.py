@@ -20,7 +20,7 @@ from vit_jax import train
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, '*.py')))
 IMAGENET = config_lib.load_config_module(os.path.join(CONFIG_DIR, 'vit_imagenet.py'))
 # Every variant of the ImageNet config's table, and two registry variants it does not list.
-IMAGENET_CONFIGS = [f'vit_imagenet.py:{variant}' for variant in (*IMAGENET.LEARNING_RATES, 'Ti/16', 'S/32')]
+IMAGENET_CONFIGS = [f'vit_imagenet.py:{variant}' for variant in (*IMAGENET.JFT_LEARNING_RATES, 'Ti/16', 'S/32')]
 # (classes, channels) of each config's dataset: the step compiles without the data being present.
 DATASET_SHAPES = {'imagenet2012': (1000, 3), 'embedded_fashion_mnist': (10, 1), 'embedded_digits': (10, 1)}
 # Compiled in the fast loop; the ImageNet variants (3-20 s each on 2 cores, at 2 blocks) in the full suite.
@@ -39,7 +39,7 @@ def _load_complete(name):
 
 def test_the_config_files_of_the_design_are_there():
   assert {'default.py', 'vit_l16.py', 'vit_imagenet.py'} <= set(CONFIG_FILES)
-  assert {'B/16', 'L/16', 'H/14', 'R50+B/16'} <= set(IMAGENET.LEARNING_RATES)
+  assert {'B/16', 'L/16', 'H/14', 'R50+B/16'} <= set(IMAGENET.JFT_LEARNING_RATES)
 
 
 @pytest.mark.parametrize('name', CONFIG_FILES + IMAGENET_CONFIGS)
@@ -54,23 +54,44 @@ def test_config_loads_validates_and_names_a_known_model_and_dataset(name):
 def test_paper_pretraining_settings(name):
   config = load_config(name)
   assert (config.optimizer, config.b1, config.b2) == ('adam', 0.9, 0.999)
-  assert (config.weight_decay, config.batch_size, config.warmup_steps) == (0.1, 4096, 10_000)
-  assert (config.schedule, config.image_size, config.grad_clip_norm) == ('linear', 224, 1.0)
-  assert (config.model.dropout_rate, config.num_epochs) == (0.1, 300.0)
+  assert (config.weight_decay, config.batch_size, config.warmup_steps) == (0.3, 4096, 10_000)  # ImageNet-1k's.
+  assert (config.schedule, config.image_size, config.grad_clip_norm) == ('cosine', 224, 1.0)
+  assert (config.model.dropout_rate, config.num_epochs, config.lr) == (0.1, 300.0, 3e-3)
   # The pre-logits layer has the width D of the variant.
   assert config.model.representation_size == models.parse_variant(config.model.name)['hidden_size']
 
 
-def test_the_imagenet_config_takes_the_variant_and_its_paper_learning_rate():
-  expected = {'L/16': ('ViT-L/16', 4e-4), 'B/16': ('ViT-B/16', 8e-4), 'H/14': ('ViT-H/14', 3e-4),
-              'R50+B/16': ('R50+ViT-B/16', 8e-4), 'L/32': ('ViT-L/32', 6e-4), 'ViT-L/16': ('ViT-L/16', 4e-4)}
-  for variant, (name, lr) in expected.items():
-    config = load_config(f'vit_imagenet.py:{variant}')
-    assert (config.model.name, config.lr) == (name, lr)
+# The paper's pretraining rows (Table 3; PAPER.md): per dataset, (epochs, base lr, decay, weight decay,
+# dropout); on JFT-300M the rate and epochs depend on the variant.
+PAPER_RECIPES = {
+    'i1k': {'B/16': (300, 3e-3, 'cosine', 0.3, 0.1), 'L/16': (300, 3e-3, 'cosine', 0.3, 0.1)},
+    'i21k': {'B/16': (90, 1e-3, 'linear', 0.03, 0.1), 'L/16': (90, 1e-3, 'linear', 0.03, 0.1)},
+    'jft': {'B/16': (7, 8e-4, 'linear', 0.1, 0.0), 'B/32': (7, 8e-4, 'linear', 0.1, 0.0),
+            'L/32': (7, 6e-4, 'linear', 0.1, 0.0), 'L/16': (14, 4e-4, 'linear', 0.1, 0.0),
+            'H/14': (14, 3e-4, 'linear', 0.1, 0.0), 'R50+B/16': (7, 8e-4, 'linear', 0.1, 0.0)},
+}
+
+
+def test_the_imagenet_config_takes_the_variant_and_the_paper_recipe_of_its_dataset():
+  for recipe, rows in PAPER_RECIPES.items():
+    for variant, row in rows.items():
+      config = load_config(f'vit_imagenet.py:{variant},{recipe}')
+      assert (config.num_epochs, config.lr, config.schedule, config.weight_decay,
+              config.model.dropout_rate) == row, (variant, recipe)
+      assert (config.batch_size, config.warmup_steps, config.grad_clip_norm, config.b1, config.b2) == (
+          4096, 10_000, 1.0, 0.9, 0.999)
+  # The default is the row of the dataset the config reads: ImageNet-1k.
+  for variant in ('L/16', 'B/16', 'ViT-L/16'):
+    default = load_config(f'vit_imagenet.py:{variant}')
+    assert default.dataset == 'imagenet2012' and default.to_dict() == load_config(
+        f'vit_imagenet.py:{variant},i1k').to_dict()
+  assert load_config('vit_imagenet.py:R50+B/16').model.name == 'R50+ViT-B/16'
   alias = load_config('vit_l16.py')  # The design card's command.
   assert alias.to_dict() == load_config('vit_imagenet.py:L/16').to_dict()
   with pytest.raises(ValueError, match="Unknown model variant 'ViT-Q/16'"):
     load_config('vit_imagenet.py:Q/16')
+  with pytest.raises(ValueError, match="Unknown pretraining recipe 'jft300m': choose one of i1k, i21k, jft"):
+    load_config('vit_imagenet.py:B/16,jft300m')
 
 
 def _parse(argv):
