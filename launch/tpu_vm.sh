@@ -7,7 +7,9 @@
 #       --config.data_dir=gs://my-bucket/tensorflow_datasets
 #
 # WORKDIR and the data_dir must be gs:// paths that every worker can read and write. Environment:
-#   RUNTIME_VERSION  TPU VM software (default tpu-ubuntu2204-base)
+#   RUNTIME_VERSION  TPU VM software image; by default the one Cloud TPU names for the accelerator type:
+#                    v2/v3/v4 tpu-ubuntu2204-base, v5e (v5litepod-*) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
+#                    v6e v2-alpha-tpuv6e
 #   REPO             git URL to install from (default: this checkout's origin)
 #   SKIP_CREATE=1    reuse an existing slice NAME
 #   SPOT=1           create a spot slice (cheaper; reclaimed at any time)
@@ -20,12 +22,26 @@
 # Delete the slice when done: gcloud compute tpus tpu-vm delete NAME.
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 if [[ $# -lt 5 ]]; then usage >&2; exit 2; fi
 
 name="$1"; zone="$2"; accelerator_type="$3"; config="$4"; workdir="$5"; shift 5
-runtime_version="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+# The software image per TPU generation (https://cloud.google.com/tpu/docs/runtimes).
+case "${accelerator_type}" in
+  v2-*|v3-*|v4-*) default_runtime=tpu-ubuntu2204-base ;;
+  v5litepod-*|v5e-*) default_runtime=v2-alpha-tpuv5-lite ;;
+  v5p-*) default_runtime=v2-alpha-tpuv5 ;;
+  v6e-*) default_runtime=v2-alpha-tpuv6e ;;
+  *) default_runtime= ;;
+esac
+runtime_version="${RUNTIME_VERSION:-${default_runtime}}"
+if [[ -z "${runtime_version}" ]]; then
+  echo "error: unknown accelerator type ${accelerator_type}: give one like v4-32, v5litepod-16, v5p-128, v6e-64," \
+       "or set RUNTIME_VERSION to its software image" >&2
+  exit 2
+fi
+echo "accelerator ${accelerator_type}: runtime version ${runtime_version}${RUNTIME_VERSION:+ (RUNTIME_VERSION)}" >&2
 repo="${REPO:-$(git -C "$(dirname "$0")" config --get remote.origin.url || true)}"
 if [[ -z "${repo}" ]]; then
   echo "error: set REPO to a git URL the workers can clone (this checkout has no origin)" >&2

@@ -260,3 +260,39 @@ def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path,
   assert len(runs) == 2 and lines[-1] == 'finished', lines  # Preempted once (75), rerun, finished.
   assert ('--config=configs/vit_l16.py --workdir=gs://bucket/vit_l16 --distributed=yes --config.lr=0.0004'
           in runs[0])
+
+
+@pytest.mark.parametrize('accelerator, runtime', [('v3-8', 'tpu-ubuntu2204-base'), ('v4-32', 'tpu-ubuntu2204-base'),
+                                                  ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+                                                  ('v5p-128', 'v2-alpha-tpuv5'), ('v6e-64', 'v2-alpha-tpuv6e')])
+def test_tpu_vm_script_picks_the_runtime_version_of_the_accelerator_type(tmp_path, accelerator, runtime):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text('#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n'  # Records; grants at once.
+                                  '[[ "$*" == *"queued-resources describe"* ]] && echo ACTIVE\nexit 0\n')
+  (bin_dir / 'gcloud').chmod(0o755)
+  calls = tmp_path / 'calls'
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'CALLS': str(calls),
+         'REPO': 'https://example.com/vit_jax.git'}
+  script = ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit', 'zone-a', accelerator, 'configs/vit_l16.py',
+            'gs://bucket/run']
+  for queued, flag in (('0', '--version'), ('1', '--runtime-version')):
+    calls.write_text('')
+    result = subprocess.run(script, env={**env, 'QUEUED': queued, 'POLL_SECONDS': '0'}, capture_output=True,
+                            text=True, timeout=60)
+    assert f'accelerator {accelerator}: runtime version {runtime}' in result.stderr
+    create = [line for line in calls.read_text().splitlines() if ' create ' in line]
+    assert len(create) == 1 and f'{flag}={runtime}' in create[0], create
+  overridden = subprocess.run(script, env={**env, 'RUNTIME_VERSION': 'my-image'}, capture_output=True, text=True,
+                              timeout=60)
+  assert '--version=my-image' in calls.read_text() and '(RUNTIME_VERSION)' in overridden.stderr
+
+
+def test_tpu_vm_script_refuses_an_unknown_accelerator_type_before_creating_anything(tmp_path):
+  calls = tmp_path / 'calls'
+  result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit', 'zone-a', 'v9-8',
+                           'configs/vit_l16.py', 'gs://bucket/run'], env={**os.environ, 'CALLS': str(calls),
+                          'REPO': 'https://example.com/vit_jax.git', 'PATH': '/usr/bin:/bin'},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'unknown accelerator type v9-8' in result.stderr
+  assert not calls.exists()
