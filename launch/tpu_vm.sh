@@ -18,11 +18,13 @@
 # The job runs under nohup on each worker and reruns itself when preempted (exit 75: SIGTERM, a checkpoint of
 # that step saved); it resumes from the workdir. A reclaimed spot slice takes the job with it: run this script
 # again with the same NAME and WORKDIR (SKIP_CREATE=1 if the slice still exists) and it resumes.
-# Logs: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f ~/vit_jax.log'.
-# Delete the slice when done: gcloud compute tpus tpu-vm delete NAME.
+# Logs: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f ~/vit_jax.log' (appended
+# to by each launch; every worker's is copied to WORKDIR/logs/HOSTNAME.log when an attempt ends).
+# Delete the slice when done: gcloud compute tpus tpu-vm delete NAME --zone ZONE, or for a queued resource
+# gcloud compute tpus queued-resources delete NAME --zone ZONE --force (the script prints the one to use).
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 if [[ $# -lt 5 ]]; then usage >&2; exit 2; fi
 
@@ -81,9 +83,17 @@ gcloud compute tpus tpu-vm ssh "${name}" --zone="${zone}" --worker=all --command
   [ -d vit_jax_src ] || git clone '${repo}' vit_jax_src
   cd vit_jax_src && git pull --ff-only
   python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  nohup bash -c 'until python3 -m vit_jax.main${main_flags}; do s=\$?; [ \$s -eq 75 ] && continue
-    echo \"vit_jax.main failed (exit \$s); fix the cause, then run tpu_vm.sh again: the run resumes\"; exit 1
-  done' \
-    > ~/vit_jax.log 2>&1 &
+  nohup bash -c 'gather() { gcloud storage cp ~/vit_jax.log ${workdir}/logs/\$(hostname).log > /dev/null 2>&1 || true; }
+    echo \"=== tpu_vm.sh started the job on \$(hostname) at \$(date -u) ===\"
+    until python3 -m vit_jax.main${main_flags}; do s=\$?; gather; [ \$s -eq 75 ] && continue
+      echo \"vit_jax.main failed (exit \$s); fix the cause, then run tpu_vm.sh again: the run resumes\"; gather; exit 1
+    done; gather' \
+    >> ~/vit_jax.log 2>&1 &
 "
-echo "started on every worker of ${name}; progress: worker 0's ~/vit_jax.log, TensorBoard: ${workdir}"
+if [[ "${QUEUED:-0}" == "1" ]]; then
+  delete="gcloud compute tpus queued-resources delete ${name} --zone=${zone} --force"
+else
+  delete="gcloud compute tpus tpu-vm delete ${name} --zone=${zone}"
+fi
+echo "started on every worker of ${name}; progress: worker 0's ~/vit_jax.log (each worker's is copied to" \
+     "${workdir}/logs/ after each attempt), TensorBoard: ${workdir}. When done: ${delete}"

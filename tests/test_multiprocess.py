@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -257,7 +258,17 @@ def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path,
   else:
     assert any(line.startswith('gcloud compute tpus tpu-vm create vit-l16') and '--spot' in line for line in lines)
   runs = [line for line in lines if line.startswith('python3 -m vit_jax.main')]
-  assert len(runs) == 2 and lines[-1] == 'finished', lines  # Preempted once (75), rerun, finished.
+  assert len(runs) == 2 and 'finished' in lines, lines  # Preempted once (75), rerun, finished.
+  deadline = time.time() + 30  # Each attempt's end copies the worker's log into the workdir.
+  while len([line for line in calls.read_text().splitlines() if 'gcloud storage cp' in line]) < 2:
+    assert time.time() < deadline, calls.read_text()
+    time.sleep(0.1)
+  gathered = [line for line in calls.read_text().splitlines() if line.startswith('gcloud storage cp')]
+  assert all(f'gs://bucket/vit_l16/logs/{socket.gethostname()}.log' in line for line in gathered), gathered
+  assert '=== tpu_vm.sh started the job on' in (home / 'vit_jax.log').read_text()  # Appended to, not replaced.
+  delete = ('gcloud compute tpus queued-resources delete vit-l16 --zone=us-central2-b --force' if queued else
+            'gcloud compute tpus tpu-vm delete vit-l16 --zone=us-central2-b')
+  assert f'When done: {delete}' in result.stdout
   assert ('--config=configs/vit_l16.py --workdir=gs://bucket/vit_l16 --distributed=yes --config.lr=0.0004'
           in runs[0])
 
