@@ -10,7 +10,9 @@
 #   RUNTIME_VERSION  TPU VM software image; by default the one Cloud TPU names for the accelerator type:
 #                    v2/v3/v4 tpu-ubuntu2204-base, v5e (v5litepod-*) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
 #                    v6e v2-alpha-tpuv6e
-#   REPO             git URL to install from (default: this checkout's origin)
+#   COMMIT           the commit of this checkout to run (default HEAD): shipped to every worker as a
+#                    `git archive` (uncommitted changes are not: commit them), installed into a Python 3.11
+#                    virtualenv under launch/constraints.txt's pins, and recorded in the workdir
 #   SKIP_CREATE=1    reuse an existing slice NAME
 #   SPOT=1           create a spot slice (cheaper; reclaimed at any time)
 #   QUEUED=1         ask for the slice as a queued resource (waits for capacity instead of failing; the way
@@ -24,7 +26,7 @@
 # gcloud compute tpus queued-resources delete NAME --zone ZONE --force (the script prints the one to use).
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 if [[ $# -lt 5 ]]; then usage >&2; exit 2; fi
 
@@ -44,10 +46,13 @@ if [[ -z "${runtime_version}" ]]; then
   exit 2
 fi
 echo "accelerator ${accelerator_type}: runtime version ${runtime_version}${RUNTIME_VERSION:+ (RUNTIME_VERSION)}" >&2
-repo="${REPO:-$(git -C "$(dirname "$0")" config --get remote.origin.url || true)}"
-if [[ -z "${repo}" ]]; then
-  echo "error: set REPO to a git URL the workers can clone (this checkout has no origin)" >&2
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if ! commit=$(git -C "${root}" rev-parse --short=12 "${COMMIT:-HEAD}^{commit}" 2> /dev/null); then
+  echo "error: ${COMMIT:-HEAD} is not a commit of ${root}: the launcher ships a commit of this checkout" >&2
   exit 2
+fi
+if [[ -z "${COMMIT:-}" && -n "$(git -C "${root}" status --porcelain --untracked-files=no)" ]]; then
+  echo "warning: uncommitted changes in ${root} are not shipped; the workers run commit ${commit}" >&2
 fi
 if [[ "${workdir}" != gs://* ]]; then
   echo "error: WORKDIR must be a gs:// path shared by all workers, got ${workdir}" >&2
@@ -76,16 +81,32 @@ if [[ "${SKIP_CREATE:-0}" != "1" ]]; then
   fi
 fi
 
+# The code: one commit, the same on every worker, whatever the origin has (or whether the workers can reach
+# it). A rerun of the same commit reuses its folder and virtualenv.
+archive="$(mktemp -d)/vit_jax_${commit}.tar.gz"
+git -C "${root}" archive --format=tar.gz -o "${archive}" "${commit}"
+gcloud compute tpus tpu-vm scp "${archive}" "${name}:vit_jax_${commit}.tar.gz" --zone="${zone}" --worker=all
+echo "shipped commit ${commit} to every worker of ${name}" >&2
+
 # Quote the user's flags once, for the remote shell.
 main_flags=$(printf ' %q' --config="${config}" --workdir="${workdir}" --distributed=yes "$@")
+python="~/vit_jax_venv/bin/python"
 gcloud compute tpus tpu-vm ssh "${name}" --zone="${zone}" --worker=all --command "
   set -e
-  [ -d vit_jax_src ] || git clone '${repo}' vit_jax_src
-  cd vit_jax_src && git pull --ff-only
-  python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+  src=~/vit_jax_src/${commit}
+  [ -d \$src ] || { mkdir -p \$src.tmp && tar -xzf ~/vit_jax_${commit}.tar.gz -C \$src.tmp && mv \$src.tmp \$src; }
+  # The image's python3 is too old for jax (3.10 on tpu-ubuntu2204-base): a 3.11 virtualenv of our own.
+  if [ ! -x ${python} ]; then
+    command -v python3.11 > /dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv; }
+    python3.11 -m venv ~/vit_jax_venv
+  fi
+  ${python} -m pip install -q -c \$src/launch/constraints.txt -e \$src 'jax[tpu]' \\
+      -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+  cd \$src
+  export VIT_JAX_COMMIT=${commit}
   nohup bash -c 'gather() { gcloud storage cp ~/vit_jax.log ${workdir}/logs/\$(hostname).log > /dev/null 2>&1 || true; }
     echo \"=== tpu_vm.sh started the job on \$(hostname) at \$(date -u) ===\"
-    until python3 -m vit_jax.main${main_flags}; do s=\$?; gather; [ \$s -eq 75 ] && continue
+    until ${python} -m vit_jax.main${main_flags}; do s=\$?; gather; [ \$s -eq 75 ] && continue
       echo \"vit_jax.main failed (exit \$s); fix the cause, then run tpu_vm.sh again: the run resumes\"; gather; exit 1
     done; gather' \
     >> ~/vit_jax.log 2>&1 &

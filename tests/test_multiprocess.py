@@ -205,12 +205,14 @@ def test_slurm_script_gives_every_task_the_gpu_jax_will_ask_for(tmp_path):
 
 
 FAKE_GCLOUD = r'''#!/usr/bin/env bash
-# gcloud, as far as tpu_vm.sh uses it: records each call; `ssh --command CMD` runs CMD here, as one worker.
+# gcloud, as far as tpu_vm.sh uses it: records each call; `scp FILE NAME:DEST` copies FILE to $HOME/DEST and
+# `ssh --command CMD` runs CMD in $HOME, as the one worker.
 echo "gcloud $*" >> "$CALLS"
 if [[ "$*" == *"queued-resources describe"* ]]; then  # Waits for capacity once, then is granted.
   [[ $(grep -c 'queued-resources describe' "$CALLS") -eq 1 ]] && echo WAITING_FOR_RESOURCES || echo ACTIVE
   exit 0
 fi
+if [[ "$3 $4" == "tpu-vm scp" ]]; then cp "$5" "$HOME/${6#*:}"; exit 0; fi
 for arg in "$@"; do
   if [[ "$take" == 1 ]]; then command="$arg"; take=0; fi
   [[ "$arg" == --command ]] && take=1
@@ -219,11 +221,17 @@ done
 if [[ -n "${command:-}" ]]; then cd "$HOME" && bash -c "$command"; fi
 '''
 
-FAKE_PYTHON3 = r'''#!/usr/bin/env bash
-# python3 on a worker: pip succeeds; the main job is preempted (exit 75) on its first run, then finishes.
-echo "python3 $*" >> "$CALLS"
+FAKE_PYTHON311 = r'''#!/usr/bin/env bash
+# The worker's python3.11: `-m venv DIR` makes DIR/bin/python, a fake of the virtualenv's python.
+echo "python3.11 $*" >> "$CALLS"
+if [[ "$1 $2" == "-m venv" ]]; then mkdir -p "$3/bin" && cp "$FAKE_VENV_PYTHON" "$3/bin/python"; fi
+'''
+
+FAKE_VENV_PYTHON = r'''#!/usr/bin/env bash
+# The virtualenv's python: pip succeeds; the main job is preempted (exit 75) on its first run, then finishes.
+echo "venv-python $* (commit $VIT_JAX_COMMIT, in $PWD)" >> "$CALLS"
 if [[ "$*" == *vit_jax.main* ]]; then
-  runs=$(grep -c '^python3 .*vit_jax.main' "$CALLS")
+  runs=$(grep -c '^venv-python .*vit_jax.main' "$CALLS")
   [[ "$runs" -eq 1 ]] && exit 75
   echo finished >> "$CALLS"
 fi
@@ -232,16 +240,17 @@ exit 0
 
 
 @pytest.mark.parametrize('queued', [False, True])
-def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path, queued):
+def test_tpu_vm_script_ships_the_commit_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path, queued):
   bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
   bin_dir.mkdir()
-  (home / 'vit_jax_src' / '.git').mkdir(parents=True)
-  for name, text in (('gcloud', FAKE_GCLOUD), ('python3', FAKE_PYTHON3), ('git', '#!/usr/bin/env bash\nexit 0\n')):
+  home.mkdir()
+  for name, text in (('gcloud', FAKE_GCLOUD), ('python3.11', FAKE_PYTHON311), ('venv_python', FAKE_VENV_PYTHON)):
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   calls = tmp_path / 'calls'
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'HOME': str(home), 'CALLS': str(calls),
-         'REPO': 'https://example.com/vit_jax.git', 'SPOT': '1', 'QUEUED': str(int(queued)), 'POLL_SECONDS': '0'}
+         'FAKE_VENV_PYTHON': str(bin_dir / 'venv_python'), 'SPOT': '1', 'QUEUED': str(int(queued)),
+         'POLL_SECONDS': '0'}
   result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit-l16', 'us-central2-b', 'v4-64',
                            'configs/vit_l16.py', 'gs://bucket/vit_l16', '--config.lr=0.0004'], env=env,
                           capture_output=True, text=True, timeout=60)
@@ -257,8 +266,19 @@ def test_tpu_vm_script_creates_a_spot_slice_and_reruns_a_preempted_job(tmp_path,
     assert 'waiting for capacity' in result.stderr and not any('tpu-vm create' in line for line in lines)
   else:
     assert any(line.startswith('gcloud compute tpus tpu-vm create vit-l16') and '--spot' in line for line in lines)
-  runs = [line for line in lines if line.startswith('python3 -m vit_jax.main')]
+  # The checkout's commit, shipped and unpacked whole; a 3.11 virtualenv; an install under the pinned versions.
+  commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short=12', 'HEAD'], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  source = home / 'vit_jax_src' / commit
+  assert (source / 'launch' / 'constraints.txt').read_text() == open(
+      os.path.join(ROOT, 'launch', 'constraints.txt')).read()
+  assert (source / 'vit_jax' / 'main.py').exists() and not (source / '.git').exists()
+  assert any(line.startswith('python3.11 -m venv') for line in lines)
+  assert any(line.startswith(f'venv-python -m pip install -q -c {source}/launch/constraints.txt -e {source}')
+             for line in lines), lines
+  runs = [line for line in lines if line.startswith('venv-python -m vit_jax.main')]
   assert len(runs) == 2 and 'finished' in lines, lines  # Preempted once (75), rerun, finished.
+  assert all(f'(commit {commit}, in {source})' in run for run in runs), runs  # Recorded by the job.
   deadline = time.time() + 30  # Each attempt's end copies the worker's log into the workdir.
   while len([line for line in calls.read_text().splitlines() if 'gcloud storage cp' in line]) < 2:
     assert time.time() < deadline, calls.read_text()
