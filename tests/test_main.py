@@ -1,6 +1,7 @@
 """The main job end to end, as a user runs it: train, evaluate, checkpoint, resume, clear errors. (Kills, damaged
 checkpoints and other faults: test_faults.py.)"""
 import glob
+import json
 import os
 import re
 
@@ -47,8 +48,13 @@ def test_main_job_trains_evaluates_checkpoints_and_writes_summaries(tmp_path, da
   assert {'train/loss', 'train/images_per_sec', 'train/tflops_per_device', 'train/mfu', 'eval/accuracy'} <= tags
 
   # A second run with the same workdir resumes from the final checkpoint and only evaluates.
-  again = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150')
+  # On other code (as a launcher that ships commit abc123 says), and it says so.
+  written_by = json.loads((workdir / 'code.json').read_text())['code']
+  assert written_by == config_lib.code_version()
+  again = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150',
+                   env={'VIT_JAX_COMMIT': 'abc123'})
   assert 'Resumed from the checkpoint of step 150' in again.stderr
+  assert f'were written by code {written_by}; this run is code abc123' in again.stderr
   assert f'Final test accuracy: {match[1]}' in again.stdout
   # Resuming under another setting (not only a longer run) is refused, naming what changed.
   changed = run_main(workdir, *TINY, f'--config.data_dir={data_dir}', '--config.total_steps=150',

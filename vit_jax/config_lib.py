@@ -3,9 +3,11 @@
 Every field exists in every config, so any of them can be overridden from the command line
 (`--config.batch_size=64`, `--config.model.name=ViT-S/16`, `--config.model.num_layers=2`).
 """
+import importlib.metadata
 import importlib.util
 import json
 import os
+import subprocess
 
 from absl import logging
 import ml_collections
@@ -257,6 +259,39 @@ def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
 
 
 WORKDIR_CONFIG = 'config.json'
+
+
+WORKDIR_CODE = 'code.json'
+
+
+def code_version() -> str:
+  """The code running: `VIT_JAX_COMMIT` (set by the launchers that ship a commit), else the commit of the
+  checkout this package runs from (marked when it has uncommitted changes), else the package version."""
+  if os.environ.get('VIT_JAX_COMMIT'):
+    return os.environ['VIT_JAX_COMMIT']
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    git = lambda *args: subprocess.run(['git', '-C', checkout, *args], capture_output=True, text=True, timeout=10,
+                                       check=True).stdout.strip()
+    commit = git('rev-parse', '--short=12', 'HEAD')
+    return commit + (' with uncommitted changes' if git('status', '--porcelain', '--untracked-files=no') else '')
+  except (OSError, subprocess.SubprocessError):
+    return f'vit_jax {importlib.metadata.version("vit_jax")} (not a git checkout)'
+
+
+def record_code_version(workdir: str, resuming: bool) -> None:
+  """Writes the code version into the workdir; a run resuming checkpoints written by other code says so (the
+  config check cannot see a change of code)."""
+  path, current = paths.join(workdir, WORKDIR_CODE), code_version()
+  if resuming and paths.exists(path):
+    try:
+      recorded = json.loads(paths.read_text(path)).get('code')
+    except (ValueError, AttributeError):
+      recorded = None
+    if recorded and recorded != current:
+      logging.warning('The checkpoints in %s were written by code %s; this run is code %s: it continues them '
+                      'under other code.', workdir, recorded, current)
+  paths.write_text(path, json.dumps({'code': current}))
 
 
 def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:

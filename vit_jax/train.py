@@ -499,6 +499,7 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
     config_lib.check_resumable(config, workdir, adopt=adopt_config)
   if jax.process_index() == 0:
     config_lib.save_workdir_config(config, workdir)  # After the check: it compares with the recorded config.
+    config_lib.record_code_version(workdir, resuming=manager.latest_step() is not None)
   # Collective: every process restores (and verifies) its own shards of the state.
   state, latest, written_by = checkpoints.restore_newest_intact(
       manager, ocp.args.StandardRestore(run.abstract_state), workdir, fallback=fallback_to_intact_checkpoint,
