@@ -96,17 +96,31 @@ def test_main_job_errors_are_clear(tmp_path, data_dir):
   assert not os.path.exists(tmp_path / 'd') and not os.path.exists(tmp_path / 'untouched')
 
 
+SLURM_TASK = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'node[1-4]', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}
+
+
 def test_multi_process_jobs_are_detected_from_the_cluster_environment(monkeypatch):
   from vit_jax import main  # pylint: disable=g-import-not-at-top
-  for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES'):
+  for name in (*SLURM_TASK, 'SLURM_NTASKS', 'OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_SIZE'):
     monkeypatch.delenv(name, raising=False)
-  assert not main._cluster_detected()
+  assert main.cluster_process_count() == 1
+  for name, value in SLURM_TASK.items():
+    monkeypatch.setenv(name, value)
   monkeypatch.setenv('SLURM_NTASKS', '1')  # A single-task SLURM job is one process.
-  assert not main._cluster_detected()
+  assert main.cluster_process_count() == 1
   monkeypatch.setenv('SLURM_NTASKS', '16')
-  assert main._cluster_detected()
-  monkeypatch.delenv('SLURM_NTASKS')
-  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0')
-  assert not main._cluster_detected()
-  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')
-  assert main._cluster_detected()
+  assert main.cluster_process_count() == 16
+  for name in (*SLURM_TASK, 'SLURM_NTASKS'):
+    monkeypatch.delenv(name)
+  monkeypatch.setenv('OMPI_MCA_orte_hnp_uri', '1531576320.0;tcp://10.96.0.1:34911')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '4')
+  assert main.cluster_process_count() == 4
+
+
+def test_processes_of_one_job_kept_apart_are_refused_before_they_share_a_workdir(tmp_path, data_dir):
+  # One of the 2 tasks of a SLURM job told not to join the others: it would train alone into their workdir.
+  result = run_main(tmp_path / 'run', '--config=configs/digits.py', f'--config.data_dir={data_dir}',
+                    '--distributed=no', env={**SLURM_TASK, 'SLURM_NTASKS': '2'}, check=False)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert 'This process is one of 2 that the cluster started for this job, but --distributed=no' in result.stderr
+  assert not (tmp_path / 'run').exists()

@@ -7,7 +7,7 @@ Multi-host: run the same command on every host. On TPU VMs, SLURM and Open MPI t
 other by themselves; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 (see launch/).
 """
-import os
+import warnings
 
 from absl import app
 from absl import flags
@@ -45,19 +45,35 @@ _FALLBACK = flags.DEFINE_bool(
     'set it aside (corrupt_checkpoints/) and resume from the newest intact one; false: stop instead.')
 
 
-def _cluster_detected() -> bool:
-  """A job of several processes that jax.distributed.initialize() can configure by itself."""
-  sizes = [os.environ.get('SLURM_NTASKS'), os.environ.get('OMPI_COMM_WORLD_SIZE')]
-  if any(size and int(size) > 1 for size in sizes):
-    return True
-  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')  # Set on the workers of a multi-host TPU slice.
+def cluster_process_count() -> int:
+  """How many processes the cluster this process runs in has started for the job, by JAX's own detection
+  (what `jax.distributed.initialize()` would configure itself from): a Cloud TPU VM slice through its metadata
+  server, GKE, SLURM, Open MPI, Kubernetes. 1 when none is detected."""
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top  (JAX has no public API for it)
+  with warnings.catch_warnings():  # E.g. Kubernetes' "package not installed": not ours to show on every run.
+    warnings.simplefilter('ignore')
+    for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+      if env.opt_in_only_method or not env.is_env_present():
+        continue
+      try:
+        return int(env.get_process_count())
+      except Exception:  # pylint: disable=broad-except  (a partial environment: not a cluster we can join)
+        return 1
+  return 1
 
 
 def initialize_distributed() -> None:
   """Joins this process to the others, before any JAX computation (device discovery included)."""
+  cluster_processes = cluster_process_count()
   wanted = _DISTRIBUTED.value == 'yes' or (
-      _DISTRIBUTED.value == 'auto' and (_COORDINATOR.value is not None or _cluster_detected()))
+      _DISTRIBUTED.value == 'auto' and (_COORDINATOR.value is not None or cluster_processes > 1))
   if not wanted:
+    if cluster_processes > 1:  # Each would train alone, all into one workdir (on a bucket, with no lock).
+      raise errors.ConfigError(
+          f'This process is one of {cluster_processes} that the cluster started for this job, but '
+          f'--distributed={_DISTRIBUTED.value} keeps it apart from the others: each would train alone and write '
+          'into the same workdir. Run with --distributed=auto (the default) so they train as one job, or start '
+          'a single process.')
     return
   # Collectives between CPU devices of different processes (tests, CPU clusters); accelerators ignore it.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
