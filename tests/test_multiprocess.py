@@ -208,10 +208,12 @@ FAKE_GCLOUD = r'''#!/usr/bin/env bash
 # gcloud, as far as tpu_vm.sh uses it: records each call; `scp FILE NAME:DEST` copies FILE to $HOME/DEST and
 # `ssh --command CMD` runs CMD in $HOME, as the one worker.
 echo "gcloud $*" >> "$CALLS"
-if [[ "$*" == *"queued-resources describe"* ]]; then  # Waits for capacity once, then is granted.
-  [[ $(grep -c 'queued-resources describe' "$CALLS") -eq 1 ]] && echo WAITING_FOR_RESOURCES || echo ACTIVE
+if [[ "$*" == *"queued-resources describe"* ]]; then  # None until created; then waits once, then is granted.
+  grep -q 'queued-resources create' "$CALLS" || exit 1
+  [[ $(grep -c 'queued-resources describe' "$CALLS") -eq 2 ]] && echo WAITING_FOR_RESOURCES || echo ACTIVE
   exit 0
 fi
+[[ "$*" == *"tpu-vm describe"* ]] && exit 1  # No such VM yet.
 if [[ "$3 $4" == "tpu-vm scp" ]]; then cp "$5" "$HOME/${6#*:}"; exit 0; fi
 for arg in "$@"; do
   if [[ "$take" == 1 ]]; then command="$arg"; take=0; fi
@@ -225,6 +227,20 @@ FAKE_PYTHON311 = r'''#!/usr/bin/env bash
 # The worker's python3.11: `-m venv DIR` makes DIR/bin/python, a fake of the virtualenv's python.
 echo "python3.11 $*" >> "$CALLS"
 if [[ "$1 $2" == "-m venv" ]]; then mkdir -p "$3/bin" && cp "$FAKE_VENV_PYTHON" "$3/bin/python"; fi
+'''
+
+FAKE_SYSTEMCTL = r'''#!/usr/bin/env bash
+# systemctl, as far as tpu_vm.sh uses it: records each call; `restart UNIT` runs the unit as systemd would, in
+# the background: ExecStart with its output appended, again after an exit other than 0 and the unit's
+# RestartPreventExitStatus (RestartSec is not waited for).
+echo "systemctl $*" >> "$CALLS"
+[[ "$1" == restart ]] || exit 0
+unit="$SYSTEMD_UNIT_DIR/$2"
+exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+log=$(sed -n 's/^StandardOutput=append://p' "$unit")
+prevent=" $(sed -n 's/^RestartPreventExitStatus=//p' "$unit") "
+(while true; do $exec_start >> "$log" 2>&1; s=$?; echo "exit $s" >> "$CALLS"
+   [[ $s -eq 0 || "$prevent" == *" $s "* ]] && break; done) > /dev/null 2>&1 &
 '''
 
 FAKE_VENV_PYTHON = r'''#!/usr/bin/env bash
@@ -244,28 +260,32 @@ def test_tpu_vm_script_ships_the_commit_creates_a_spot_slice_and_reruns_a_preemp
   bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
   bin_dir.mkdir()
   home.mkdir()
-  for name, text in (('gcloud', FAKE_GCLOUD), ('python3.11', FAKE_PYTHON311), ('venv_python', FAKE_VENV_PYTHON)):
+  units = tmp_path / 'systemd'
+  units.mkdir()
+  for name, text in (('gcloud', FAKE_GCLOUD), ('python3.11', FAKE_PYTHON311), ('venv_python', FAKE_VENV_PYTHON),
+                     ('systemctl', FAKE_SYSTEMCTL), ('sudo', '#!/usr/bin/env bash\nexec "$@"\n')):
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   calls = tmp_path / 'calls'
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'HOME': str(home), 'CALLS': str(calls),
-         'FAKE_VENV_PYTHON': str(bin_dir / 'venv_python'), 'SPOT': '1', 'QUEUED': str(int(queued)),
-         'POLL_SECONDS': '0'}
+         'FAKE_VENV_PYTHON': str(bin_dir / 'venv_python'), 'SYSTEMD_UNIT_DIR': str(units), 'SPOT': '1',
+         'QUEUED': str(int(queued)), 'POLL_SECONDS': '0'}
   result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit-l16', 'us-central2-b', 'v4-64',
                            'configs/vit_l16.py', 'gs://bucket/vit_l16', '--config.lr=0.0004'], env=env,
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
-  deadline = time.time() + 30  # The job runs under nohup: wait for its loop to end.
-  while 'finished' not in calls.read_text() and time.time() < deadline:
+  deadline = time.time() + 30  # The job runs as a service: wait for its last attempt to end.
+  while 'exit 0' not in calls.read_text() and time.time() < deadline:
     time.sleep(0.1)
   lines = calls.read_text().splitlines()
   if queued:  # Asked for as a queued resource, waited for until granted, never created directly.
     assert any(line.startswith('gcloud compute tpus queued-resources create vit-l16 --node-id=vit-l16') and
                '--spot' in line for line in lines)
-    assert sum('queued-resources describe vit-l16' in line for line in lines) == 2
+    assert sum('queued-resources describe vit-l16' in line for line in lines) == 3  # Absent, waiting, granted.
     assert 'waiting for capacity' in result.stderr and not any('tpu-vm create' in line for line in lines)
   else:
     assert any(line.startswith('gcloud compute tpus tpu-vm create vit-l16') and '--spot' in line for line in lines)
+  assert any(' create vit-l16' in line and '--autocheckpoint-enabled' in line for line in lines)  # v4: warned.
   # The checkout's commit, shipped and unpacked whole; a 3.11 virtualenv; an install under the pinned versions.
   commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short=12', 'HEAD'], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -276,8 +296,16 @@ def test_tpu_vm_script_ships_the_commit_creates_a_spot_slice_and_reruns_a_preemp
   assert any(line.startswith('python3.11 -m venv') for line in lines)
   assert any(line.startswith(f'venv-python -m pip install -q -c {source}/launch/constraints.txt -e {source}')
              for line in lines), lines
+  # A service that starts at boot and after a preemption, not after a bug, a user error or Ctrl-C.
+  unit = (units / 'vit_jax.service').read_text().splitlines()
+  for line in ('Restart=on-failure', 'RestartPreventExitStatus=1 2 130', 'WantedBy=multi-user.target',
+               f'ExecStart=/bin/bash {home}/vit_jax_run.sh', f'StandardOutput=append:{home}/vit_jax.log'):
+    assert line in unit, unit
+  assert [line for line in lines if line.startswith('systemctl')] == [
+      'systemctl daemon-reload', 'systemctl enable vit_jax.service', 'systemctl restart vit_jax.service']
   runs = [line for line in lines if line.startswith('venv-python -m vit_jax.main')]
-  assert len(runs) == 2 and 'finished' in lines, lines  # Preempted once (75), rerun, finished.
+  assert len(runs) == 2 and 'finished' in lines, lines  # Preempted once (75), restarted, finished.
+  assert [line for line in lines if line.startswith('exit ')] == ['exit 75', 'exit 0']
   assert all(f'(commit {commit}, in {source})' in run for run in runs), runs  # Recorded by the job.
   deadline = time.time() + 30  # Each attempt's end copies the worker's log into the workdir.
   while len([line for line in calls.read_text().splitlines() if 'gcloud storage cp' in line]) < 2:
@@ -285,7 +313,7 @@ def test_tpu_vm_script_ships_the_commit_creates_a_spot_slice_and_reruns_a_preemp
     time.sleep(0.1)
   gathered = [line for line in calls.read_text().splitlines() if line.startswith('gcloud storage cp')]
   assert all(f'gs://bucket/vit_l16/logs/{socket.gethostname()}.log' in line for line in gathered), gathered
-  assert '=== tpu_vm.sh started the job on' in (home / 'vit_jax.log').read_text()  # Appended to, not replaced.
+  assert (home / 'vit_jax.log').read_text().count(f'vit_jax.main, commit {commit}') == 2  # Appended to.
   delete = ('gcloud compute tpus queued-resources delete vit-l16 --zone=us-central2-b --force' if queued else
             'gcloud compute tpus tpu-vm delete vit-l16 --zone=us-central2-b')
   assert f'When done: {delete}' in result.stdout
@@ -299,8 +327,9 @@ def test_tpu_vm_script_ships_the_commit_creates_a_spot_slice_and_reruns_a_preemp
 def test_tpu_vm_script_picks_the_runtime_version_of_the_accelerator_type(tmp_path, accelerator, runtime):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
-  (bin_dir / 'gcloud').write_text('#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n'  # Records; grants at once.
-                                  '[[ "$*" == *"queued-resources describe"* ]] && echo ACTIVE\nexit 0\n')
+  (bin_dir / 'gcloud').write_text(  # Records; a describe finds nothing before a create, is granted after.
+      '#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n[[ "$*" == *describe* ]] || exit 0\n'
+      'grep -q " create " "$CALLS" && echo ACTIVE || exit 1\n')
   (bin_dir / 'gcloud').chmod(0o755)
   calls = tmp_path / 'calls'
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'CALLS': str(calls),
@@ -314,6 +343,9 @@ def test_tpu_vm_script_picks_the_runtime_version_of_the_accelerator_type(tmp_pat
     assert f'accelerator {accelerator}: runtime version {runtime}' in result.stderr
     create = [line for line in calls.read_text().splitlines() if ' create ' in line]
     assert len(create) == 1 and f'{flag}={runtime}' in create[0], create
+    # Cloud TPU's maintenance warning (SIGTERM first) where it exists: v2-v4 and v5e.
+    assert ('--autocheckpoint-enabled' in create[0]) == (accelerator[:3] in ('v3-', 'v4-', 'v5l')), create
+  calls.write_text('')
   overridden = subprocess.run(script, env={**env, 'RUNTIME_VERSION': 'my-image'}, capture_output=True, text=True,
                               timeout=60)
   assert '--version=my-image' in calls.read_text() and '(RUNTIME_VERSION)' in overridden.stderr
@@ -327,3 +359,36 @@ def test_tpu_vm_script_refuses_an_unknown_accelerator_type_before_creating_anyth
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and 'unknown accelerator type v9-8' in result.stderr
   assert not calls.exists()
+
+
+@pytest.mark.parametrize('queued, lost, live', [(True, 'SUSPENDED', 'ACTIVE'), (False, 'PREEMPTED', 'READY')])
+def test_tpu_vm_script_recreates_a_reclaimed_slice_only_when_asked_and_reuses_a_live_one(tmp_path, queued, lost,
+                                                                                     live):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text(  # Records; a describe answers $STATE, nothing once deleted, $LIVE once created.
+      '#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n[[ "$*" == *describe* ]] || exit 0\n'
+      'if grep -q " create " "$CALLS"; then echo "$LIVE"; elif grep -q " delete " "$CALLS"; then exit 1; '
+      'else echo "$STATE"; fi\n')
+  (bin_dir / 'gcloud').chmod(0o755)
+  calls = tmp_path / 'calls'
+  kind = 'queued-resources' if queued else 'tpu-vm'
+
+  def launch(state, **extra):
+    calls.write_text('')
+    env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'CALLS': str(calls), 'STATE': state,
+           'LIVE': live, 'QUEUED': str(int(queued)), 'POLL_SECONDS': '0', **extra}
+    result = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit', 'zone-a', 'v4-32',
+                             'configs/vit_l16.py', 'gs://bucket/run'], env=env, capture_output=True, text=True,
+                            timeout=60)
+    return result, [line for line in calls.read_text().splitlines() if ' delete ' in line or ' create ' in line]
+
+  refused, changes = launch(lost)  # Reclaimed: the script stops before touching anything, and says how.
+  assert refused.returncode == 2 and f'vit exists but is {lost}' in refused.stderr and 'RECREATE=1' in refused.stderr
+  assert changes == []
+  recreated, changes = launch(lost, RECREATE='1')
+  assert recreated.returncode == 0, recreated.stderr
+  assert [line.split(' vit ')[0] for line in changes] == [f'gcloud compute tpus {kind} delete',
+                                                          f'gcloud compute tpus {kind} create']
+  reused, changes = launch(live)
+  assert reused.returncode == 0 and f'reusing vit ({live})' in reused.stderr and changes == []
