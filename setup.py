@@ -37,6 +37,8 @@ setuptools.setup(
         'matplotlib>=3.7',
     ],
     extras_require={
+        # Cloud TPUs: jax's own extra, which pins the libtpu of the jax installed (launch/tpu_vm.sh uses it).
+        'tpu': ['jax[tpu]>=0.7'],
         'torch': TORCH,
         # nbclient + ipykernel: the notebooks run in the test suite; pytest-xdist: the fast loop on both cores
         # (`-m "not slow" -n 2`); a GCS emulator and the fsspec client that can reach it (gs:// workdirs).

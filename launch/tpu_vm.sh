@@ -149,7 +149,7 @@ gcloud compute tpus tpu-vm ssh "${name}" --zone="${zone}" --worker=all --command
     command -v python3.11 > /dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv; }
     python3.11 -m venv ~/vit_jax_venv
   fi
-  ~/vit_jax_venv/bin/python -m pip install -q -c \$src/launch/constraints.txt -e \$src 'jax[tpu]' \\
+  ~/vit_jax_venv/bin/python -m pip install -q -c \$src/launch/constraints.txt -e \$src[tpu] \\
       -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
   printf '%s\n' '[Unit]' 'Description=vit_jax main job (launch/tpu_vm.sh)' 'Wants=network-online.target' \\
     'After=network-online.target' '[Service]' \"User=\$(id -un)\" \"Environment=HOME=\$HOME\" \\

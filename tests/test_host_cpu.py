@@ -147,3 +147,9 @@ def test_an_installed_accelerator_plugin_leaves_the_host_alone(tmp_path):
   assert runs_on_cpu() == 'True'
   assert runs_on_cpu(PYTHONPATH=str(tmp_path)) == 'False'
   assert runs_on_cpu(PYTHONPATH=str(tmp_path), JAX_PLATFORMS='cpu') == 'True'
+  # libtpu installed on a host without TPU chips (to compile for a TPU topology): still the CPU. The package
+  # as JAX looks for it: importable, naming its shared library (here one that is not there).
+  (tmp_path / 'tpu' / 'libtpu').mkdir(parents=True)
+  (tmp_path / 'tpu' / 'libtpu' / '__init__.py').write_text(
+      'def get_library_path():\n  return "/nonexistent/libtpu.so"\n')
+  assert runs_on_cpu(PYTHONPATH=str(tmp_path / 'tpu')) == 'True'

@@ -294,7 +294,7 @@ def test_tpu_vm_script_ships_the_commit_creates_a_spot_slice_and_reruns_a_preemp
       os.path.join(ROOT, 'launch', 'constraints.txt')).read()
   assert (source / 'vit_jax' / 'main.py').exists() and not (source / '.git').exists()
   assert any(line.startswith('python3.11 -m venv') for line in lines)
-  assert any(line.startswith(f'venv-python -m pip install -q -c {source}/launch/constraints.txt -e {source}')
+  assert any(line.startswith(f'venv-python -m pip install -q -c {source}/launch/constraints.txt -e {source}[tpu]')
              for line in lines), lines
   # A service that starts at boot and after a preemption, not after a bug, a user error or Ctrl-C.
   unit = (units / 'vit_jax.service').read_text().splitlines()

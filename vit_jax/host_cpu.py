@@ -45,11 +45,17 @@ def runs_on_cpu() -> bool:
   platforms = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
-  # PJRT plugins (CUDA, ROCm, ...) live in the `jax_plugins` namespace package; TPUs come with libtpu.
-  if importlib.util.find_spec('libtpu') is not None:
+  # PJRT plugins (CUDA, ROCm, ...) live in the `jax_plugins` namespace package; TPUs come with libtpu, which
+  # also serves CPU hosts (compiling for a TPU topology): a TPU host is one whose PCI bus has TPU chips.
+  if importlib.util.find_spec('libtpu') is not None and _tpu_chips() > 0:
     return False
   plugins = importlib.util.find_spec('jax_plugins')
   return plugins is None or not any(pkgutil.iter_modules(plugins.submodule_search_locations or []))
+
+
+def _tpu_chips() -> int:
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top  (JAX's own PCI scan; no public API)
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0]
 
 
 def keep_freed_buffers_mapped() -> bool:
