@@ -92,6 +92,25 @@ def test_train_batches_are_augmented_in_range_and_resumable(data_dir):
   assert not np.array_equal(plain['image'], images)
 
 
+def test_a_stream_read_from_storage_resumes_in_its_epoch_with_the_same_batches(data_dir):
+  # Not cached: each epoch is one pass in an order of its own, and a resumed stream starts in its epoch (the
+  # digits' 1,442 training examples: step 50 of 32 is 158 examples into the second epoch).
+  config = _digits_config(data_dir, image_size=8)
+  config.cache_data = False
+  builder = input_pipeline.get_builder(config.dataset, data_dir)
+  stream = input_pipeline.train_dataset(builder, config, local_batch_size=32)
+  batches = [next(stream) for _ in range(91)]  # Two epochs (2,884 examples) and then some.
+  for step in (1, 50):
+    resumed = next(input_pipeline.train_dataset(builder, config, local_batch_size=32, start_step=step))
+    np.testing.assert_array_equal(resumed['image'], batches[step]['image'])
+    np.testing.assert_array_equal(resumed['label'], batches[step]['label'])
+  # Each epoch holds every example once (by label counts), in another order than the epoch before.
+  labels = np.concatenate([b['label'] for b in batches])
+  first, second = labels[:1442], labels[1442:2884]
+  assert np.array_equal(np.bincount(first, minlength=10), np.bincount(second, minlength=10))
+  assert not np.array_equal(first, second)
+
+
 def test_eval_dataset_covers_every_example_once_with_padding_masked(data_dir):
   config = _digits_config(data_dir)
   builder = input_pipeline.get_builder(config.dataset, data_dir)

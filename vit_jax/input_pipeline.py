@@ -2,7 +2,9 @@
 
 Training order is a pure function of (seed, step): the shuffle is seeded, augmentations use stateless ops
 keyed by the example's position in the stream, and a resumed run skips the examples already consumed before
-any decoding. So a run restarted from a checkpoint sees exactly the batches an uninterrupted one would.
+any decoding: a cached dataset in memory; one read from storage only within its current epoch, each epoch
+being one pass in an order seeded by (seed, epoch). So a run restarted from a checkpoint sees exactly the
+batches an uninterrupted one would, at a cost that does not grow with the step.
 """
 import dataclasses
 import errno
@@ -79,7 +81,8 @@ def damaged_dataset_error(error: BaseException, name: str, data_dir: Optional[st
   files of a prepared dataset (a record altered or cut, a file missing, its metadata unreadable); else None."""
   root = data_dir or os.path.expanduser('~/tensorflow_datasets')
   if name in embedded.BUILDERS:
-    folder_name = embedded.BUILDERS[name].name
+    factory = embedded.BUILDERS[name]
+    folder_name = getattr(factory, 'func', factory).name  # A builder class, or a partial of one (a config).
   elif name.startswith(folder.PREFIX):
     folder_name = None  # Named after the image folder and a hash of its path (`folder.builder_for`).
   else:
@@ -194,11 +197,25 @@ def train_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: 
   seed = config.seed + 1_000_003 * jax.process_index()
   ds = _read_split(builder, config.train_split, shuffle_seed=seed)
   decode = _decoder(builder)
+  consumed = start_step * local_batch_size
   if config.cache_data:
+    # In memory: a resumed run skips what it consumed without reading or decoding anything.
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
-  ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-  # Position in the stream: keys the augmentation randomness, and lets a resumed run skip what it consumed.
-  ds = ds.enumerate().skip(start_step * local_batch_size)
+    ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    # Position in the stream: keys the augmentation randomness, and lets a resumed run skip what it consumed.
+    ds = ds.enumerate().skip(consumed)
+  else:
+    # From storage: each epoch's order is a function of (seed, epoch) alone, so a resumed run starts at its
+    # epoch and skips (reads) only what it consumed of that one, whatever the step.
+    per_epoch = builder.info.splits[tfds.split_for_jax_process(config.train_split)].num_examples
+    first_epoch, offset = divmod(consumed, per_epoch)
+
+    def epoch(index):
+      order = ds.shuffle(config.shuffle_buffer, seed=tf.constant(seed, tf.int64) * 1_000_003 + index,
+                         reshuffle_each_iteration=False)
+      return order.enumerate(start=index * per_epoch)
+
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
 
   def prepare(index, example):
     if not config.cache_data:  # Decoded in preprocess_train, which may decode just the crop.
