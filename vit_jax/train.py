@@ -441,7 +441,7 @@ def _cause_a_user_can_fix(error: Exception, config: ml_collections.ConfigDict, w
         f'Storage of {workdir} does not answer ({down}); the run stopped ({errors.one_line(error, 300)}). '
         f'{UNCOUNTED_CHECKPOINTS}Rerun the same command once it answers: the run resumes from its newest '
         'committed checkpoint.')
-  if 'RESOURCE_EXHAUSTED' in str(error):
+  if 'RESOURCE_EXHAUSTED' in str(error) and 'memory' in str(error).lower():  # XLA's words on CPU, GPU and TPU.
     devices = jax.device_count()
     return errors.ConfigError(
         f'Out of memory on the {jax.devices()[0].platform.upper()} devices ({errors.one_line(error, 200)}). What '
