@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from absl import logging
 from etils import epath
@@ -148,10 +148,16 @@ def _is_connection_failure(error: BaseException) -> bool:
   return False
 
 
+def _outage(path, error: BaseException) -> Tuple[bool, bool]:
+  """(whether `error` is an outage, whether the storage answers now), from one probe."""
+  answering = problem(path) is None
+  return paths.is_url(path) and (not answering or _is_connection_failure(error)), answering
+
+
 def is_outage(path, error: BaseException) -> bool:
   """Whether `error`, raised by a call that reached the storage of `path`, is that storage failing (it does
   not answer now, or the call's connection failed), not a fault of the call itself."""
-  return paths.is_url(path) and (problem(path) is not None or _is_connection_failure(error))
+  return _outage(path, error)[0]
 
 
 def retrying(path, what: str, fn: Callable[[], object], *, patience_s: float,
@@ -159,15 +165,17 @@ def retrying(path, what: str, fn: Callable[[], object], *, patience_s: float,
   """fn(), a call that reaches the storage of `path`, watched (`reporting_stalls`); when it fails while that
   storage does not answer (or with a connection error), waits for it (`wait_until_answering`, its patience
   counted from the first failure) and calls fn again. Other failures are raised as they are."""
-  first_failure, seen_down = None, []
+  first_failure = None
   while True:
     try:
       with reporting_stalls(path, what) as seen_down:
         return fn()
     except Exception as e:  # pylint: disable=broad-except  (sorted below: only storage outages are retried)
-      if isinstance(e, StorageUnreachable) or not is_outage(path, e):
+      if isinstance(e, StorageUnreachable):
         raise
-      answering = problem(path) is None
+      outage, answering = _outage(path, e)
+      if not outage:
+        raise
       first_failure = first_failure or min([time.time(), *seen_down])
       if answering and time.time() - first_failure >= patience_s:
         raise
