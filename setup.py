@@ -5,6 +5,7 @@ import setuptools
 # wheels only load next to the standard torch wheel of the same release, so the pair is pinned,
 # excluding the local `+cpu` build that some pip configurations prefer (it sorts above the standard wheel).
 TORCH = ['torch==2.13.0,!=2.13.0+cpu', 'torchvision==0.28.0,!=0.28.0+cpu', 'timm>=1.0']
+TPU = ['jax[tpu]>=0.7']
 
 setuptools.setup(
     name='vit_jax',
@@ -37,12 +38,14 @@ setuptools.setup(
         'matplotlib>=3.7',
     ],
     extras_require={
-        # Cloud TPUs: jax's own extra, which pins the libtpu of the jax installed (launch/tpu_vm.sh uses it).
-        'tpu': ['jax[tpu]>=0.7'],
+        # Cloud TPUs, and compiling for them on any host (`vit_jax.plan`): jax's own extra, which pins the libtpu
+        # of the jax installed (launch/tpu_vm.sh uses it).
+        'tpu': TPU,
         'torch': TORCH,
         # nbclient + ipykernel: the notebooks run in the test suite; pytest-xdist: the fast loop on both cores
-        # (`-m "not slow" -n 2`); a GCS emulator and the fsspec client that can reach it (gs:// workdirs).
+        # (`-m "not slow" -n 2`); a GCS emulator and the fsspec client that can reach it (gs:// workdirs); libtpu
+        # for the planner's tests.
         'test': ['pytest>=8.0', 'pytest-timeout>=2.3', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.9',
-                 'ipykernel>=6.29', 'gcp-storage-emulator>=2026.7', 'gcsfs>=2024.2', *TORCH],
+                 'ipykernel>=6.29', 'gcp-storage-emulator>=2026.7', 'gcsfs>=2024.2', *TORCH, *TPU],
     },
 )

@@ -5,6 +5,10 @@ import sys
 
 import pytest
 
+# The suite runs on the CPU. The test extra installs libtpu (the planner compiles for TPU topologies), which a
+# process would otherwise start by probing for TPU chips, printing errors (tests that want that set it empty).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 try:
   # PyTorch (the optional `torch` extra) must load before TensorFlow, which other test modules import:
   # triton's native library, which torchvision pulls in, crashes the process when loaded after TensorFlow's.
@@ -23,7 +27,7 @@ if TEST_CPU_MATMUL == 'onednn':
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_use_onednn=true '
                              '--xla_cpu_experimental_onednn_fusion_type=individual_dot').strip()
 elif TEST_CPU_MATMUL == 'xla':
-  host_cpu.compiler_options = lambda cpu_matmul='onednn': None
+  host_cpu.compiler_options = lambda cpu_matmul='onednn', platform=None: None
 elif TEST_CPU_MATMUL:
   raise ValueError(f'VIT_JAX_TEST_CPU_MATMUL={TEST_CPU_MATMUL!r}: choose onednn or xla.')
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import CONFIG_DIR, ROOT
+from conftest import CONFIG_DIR, ROOT, run_main
 
 
 _FAULTS_PER_BUFFER = '''
@@ -153,3 +153,17 @@ def test_an_installed_accelerator_plugin_leaves_the_host_alone(tmp_path):
   (tmp_path / 'tpu' / 'libtpu' / '__init__.py').write_text(
       'def get_library_path():\n  return "/nonexistent/libtpu.so"\n')
   assert runs_on_cpu(PYTHONPATH=str(tmp_path / 'tpu')) == 'True'
+
+
+@pytest.mark.slow
+def test_the_main_job_on_a_cpu_host_with_libtpu_installed_runs_as_without_it(tmp_path, data_dir):
+  """libtpu (the `tpu` extra, for `vit_jax.plan`) on a host without TPU chips: the job picks the CPU outright,
+  without libtpu probing for chips and printing errors."""
+  pytest.importorskip('libtpu')
+  result = run_main(tmp_path / 'run', '--config=configs/digits.py', '--config.model.num_layers=1',
+                    '--config.total_steps=4', '--config.warmup_steps=1', '--config.log_every_steps=2',
+                    f'--config.data_dir={data_dir}', env={**os.environ, 'JAX_PLATFORMS': ''})
+  assert 'Final test accuracy' in result.stdout
+  assert 'Host setup: 1 CPU device(s)' in result.stderr
+  for noise in ('TPU_WORKER_HOSTNAMES', 'libtpu', 'TPU_ACCELERATOR_TYPE'):
+    assert noise not in result.stderr, result.stderr[-3000:]

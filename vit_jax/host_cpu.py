@@ -91,12 +91,13 @@ def _onednn_dot_available() -> bool:
   return True
 
 
-def compiler_options(cpu_matmul: str = 'onednn') -> Optional[dict]:
+def compiler_options(cpu_matmul: str = 'onednn', platform: Optional[str] = None) -> Optional[dict]:
   """XLA compiler options for a jitted step: oneDNN dots when `cpu_matmul` is 'onednn' (`config.cpu_matmul`)
-  and the backend is the CPU; None (XLA's defaults) otherwise. Accelerators are left alone."""
+  and the step runs on the CPU (`platform`, default the default backend's); None (XLA's defaults) otherwise.
+  Accelerators are left alone, also when compiled for from a CPU host (`plan.py`)."""
   if cpu_matmul not in ('onednn', 'xla'):
     raise errors.ConfigError(f'Unknown cpu_matmul {cpu_matmul!r}: choose onednn or xla (--config.cpu_matmul=...).')
-  if cpu_matmul == 'xla' or jax.default_backend() != 'cpu' or not _onednn_dot_available():
+  if cpu_matmul == 'xla' or (platform or jax.default_backend()) != 'cpu' or not _onednn_dot_available():
     return None
   return dict(ONEDNN_DOT)
 
@@ -120,6 +121,10 @@ def setup(config=None, cpu_devices: Optional[int] = None) -> dict:
   else:
     if cpu_devices is not None and forced is None:
       jax.config.update('jax_num_cpu_devices', cpu_devices)
+    if on_cpu and importlib.util.find_spec('libtpu') is not None:
+      # libtpu installed on a host without TPU chips (to compile for a TPU topology, `plan.py`) would probe for
+      # chips and print errors at start-up: the CPU is chosen outright.
+      jax.config.update('jax_platforms', 'cpu')
     if on_cpu and (forced or cpu_devices or 1) == 1:
       # A helper thread's glibc arena (mmapped heaps of at most 64 MiB) cannot keep a step's block; the main
       # thread's heap can. Several devices run their partitions on a thread pool anyway, so they keep async.

@@ -164,14 +164,14 @@ def jit_train_step(model, optimizer, objective, config, mesh: Mesh, state_shardi
                                          accum_steps=config.accum_steps, ema_decay=config.ema_decay)
   return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0,
-                 compiler_options=host_cpu.compiler_options(config.cpu_matmul))
+                 compiler_options=host_cpu.compiler_options(config.cpu_matmul, mesh.devices.flat[0].platform))
 
 
 def jit_eval_step(model, objective, config, mesh: Mesh, params_sharding) -> Callable:
   return jax.jit(lambda params, batch: eval_step(params, batch, model=model, objective=objective),
                  in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh),
-                 compiler_options=host_cpu.compiler_options(config.cpu_matmul))
+                 compiler_options=host_cpu.compiler_options(config.cpu_matmul, mesh.devices.flat[0].platform))
 
 
 def abstract_train_inputs(model, optimizer, objective, image_shape, batch_size: int, mesh: Mesh,
