@@ -16,6 +16,10 @@
 #   SPOT=1           create a spot slice (cheaper; reclaimed at any time)
 #   QUEUED=1         ask for the slice as a queued resource (waits for capacity instead of failing; the way
 #                    large and spot slices are granted); polled every POLL_SECONDS (default 60) until ACTIVE
+#   PLAN=1           first compile the job for the accelerator type here (python -m vit_jax.plan, with the
+#                    --config.* flags given; needs the tpu extra) and refuse, before anything is created, a
+#                    config that does not fit its chips, naming the settings that do. PYTHON: the interpreter
+#                    (default python3)
 #   RECREATE=1       a slice NAME that was reclaimed (SUSPENDED, PREEMPTED) is deleted and created again;
 #                    without it the script stops and says so. A live slice NAME is reused; SKIP_CREATE=1
 #                    never creates. AUTOCHECKPOINT=0 leaves Cloud TPU's maintenance warning off.
@@ -28,7 +32,7 @@
 # gcloud compute tpus queued-resources delete NAME --zone ZONE --force (the script prints the one to use).
 set -euo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 if [[ $# -lt 5 ]]; then usage >&2; exit 2; fi
 
@@ -59,6 +63,19 @@ fi
 if [[ "${workdir}" != gs://* ]]; then
   echo "error: WORKDIR must be a gs:// path shared by all workers, got ${workdir}" >&2
   exit 2
+fi
+
+if [[ "${PLAN:-0}" == "1" ]]; then
+  # Only the config's flags concern the compiled step; the job's others (--distributed, ...) are main's.
+  config_flags=()
+  for flag in "$@"; do [[ "${flag}" == --config.* ]] && config_flags+=("${flag}"); done
+  echo "planning ${config} on ${accelerator_type} (PLAN=1): compiling its steps here" >&2
+  if ! (cd "${root}" && "${PYTHON:-python3}" -m vit_jax.plan --config="${config}" --topology="${accelerator_type}" \
+          ${config_flags[@]+"${config_flags[@]}"} >&2); then
+    echo "error: the plan above refuses ${config} on ${accelerator_type}: nothing was created. Give the" \
+         "settings it names (or a larger slice), or run without PLAN=1" >&2
+    exit 2
+  fi
 fi
 
 spot=()

@@ -1,6 +1,7 @@
 """The TPU planner (`vit_jax.plan`): slice names, the compiled module read right (loops, collectives), the
 roofline on a plain matmul, and plans of small models that libtpu compiles here, on the CPU, for small slices."""
 import json
+import os
 import math
 import subprocess
 import sys
@@ -180,3 +181,28 @@ def test_without_libtpu_the_planner_says_how_to_install_it(monkeypatch):
   monkeypatch.setitem(sys.modules, 'libtpu', None)  # `import libtpu` raises ImportError.
   with pytest.raises(errors.ConfigError, match=r"pip install -e '\.\[tpu\]'"):
     tpu.compile_only_devices(tpu.parse('v4-8'))
+
+
+@pytest.mark.slow
+def test_the_tpu_launcher_plans_first_and_refuses_a_config_that_does_not_fit_before_creating_anything(tmp_path):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text(  # Records; a describe finds nothing before a create, is granted after.
+      '#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n[[ "$*" == *describe* ]] || exit 0\n'
+      'grep -q " create " "$CALLS" && echo ACTIVE || exit 1\n')
+  (bin_dir / 'gcloud').chmod(0o755)
+  calls = tmp_path / 'calls'
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'CALLS': str(calls), 'PLAN': '1',
+         'PYTHON': sys.executable}
+  config, *config_flags = WIDE
+  script = ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit', 'zone-a', 'v5litepod-4',
+            config.split('=', 1)[1], 'gs://bucket/run', *config_flags, '--heartbeat_timeout_seconds=60']
+  refused = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert 'It fits with --config.mesh.fsdp=' in refused.stderr and 'nothing was created' in refused.stderr
+  assert not calls.exists() or ' create ' not in calls.read_text()
+  # A config that fits goes on to create the slice.
+  small = [*script[:5], SMALL[0].split('=', 1)[1], 'gs://bucket/run', *SMALL[1:], '--config.batch_size=32']
+  planned = subprocess.run(small, env=env, capture_output=True, text=True, timeout=600)
+  assert 'Fits: ' in planned.stderr, planned.stderr[-3000:]
+  assert ' create ' in calls.read_text()
