@@ -429,6 +429,30 @@ def _as_dict(result: Compiled) -> Dict:
               roofline=result.roofline, compile_seconds=result.compile_seconds)
 
 
+def markdown_table(reports: List[Dict]) -> str:
+  """The plans (`--json` files) as BENCHMARKS.md's table: per model and slice, the setting that fits (as
+  configured, or the one the levers found), its memory per device and its roofline."""
+  lines = ['| model | slice | batch | fits with | GiB per device (of HBM) | roofline images/s per chip | '
+           'MFU ceiling | bound by | compile s |', '|---|---|---|---|---|---|---|---|---|']
+  for report in reports:
+    chosen = report['configured'] if report['configured']['fits'] else report.get('suggested')
+    if chosen is None:
+      smallest = min([report['configured'], *report['tried']], key=lambda r: r['needed_bytes'])
+      lines.append(f'| {report["model"]} | {report["topology"]} | {report["batch_size"]} | nothing tried fits '
+                   f'(smallest {Settings(**smallest["settings"]).flags()}) | '
+                   f'{smallest["needed_bytes"] / GIB:.1f} ({smallest["hbm_bytes"] / GIB:.0f}) | | | | |')
+      continue
+    settings, roofline = Settings(**chosen['settings']), chosen['roofline']
+    found = '' if chosen is report['configured'] else ' (found)'
+    lines.append(
+        f'| {report["model"]} | {report["topology"]} | {report["batch_size"]} | fsdp {settings.fsdp}, remat '
+        f'{settings.remat}, scan {settings.scan}, accum {settings.accum_steps}{found} | '
+        f'{chosen["needed_bytes"] / GIB:.1f} ({chosen["hbm_bytes"] / GIB:.0f}) | '
+        f'{roofline["images_per_s_per_chip"]:,.0f} | {roofline["mfu_ceiling"]:.0%} | {roofline["bound"]} | '
+        f'{sum(r["compile_seconds"] for r in [report["configured"], *report["tried"]]):.0f} |')
+  return '\n'.join(lines)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
