@@ -160,7 +160,8 @@ def test_a_config_too_big_for_the_chip_gets_a_setting_that_fits_and_that_setting
   fix = error[0].split('It fits with ')[1].split(' (')[0].split()
   assert fix == plan.Settings(**suggested).flags().split()
   row = plan.markdown_table([report]).splitlines()[-1]
-  assert f'| fsdp {suggested["fsdp"]}, remat {suggested["remat"]}, scan True, accum 1 (found) |' in row
+  assert (f'| fsdp {suggested["fsdp"]}, remat {suggested["remat"]}, scan {suggested["scan"]}, accum '
+          f'{suggested["accum_steps"]} (found) |') in row
   again = run_plan(*WIDE, '--topology=v5litepod-4', *fix)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'Fits: ' in again.stdout

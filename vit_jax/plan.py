@@ -38,8 +38,7 @@ USABLE_HBM = 0.95
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
 # Relative cost of each lever, for ordering the settings tried (each is compiled; the first that fits wins):
 # remat recomputes the forward pass (a third more FLOPs); accumulation splits the batch into smaller matmuls and
-# gathers fsdp shards once per micro-batch; a larger fsdp adds gathers that overlap the compute; scan costs
-# nothing at run time (and compiles faster).
+# gathers fsdp shards once per micro-batch; a larger fsdp adds gathers that overlap the compute.
 LEVER_COST = dict(remat=4 / 3, accum_doubling=0.08, fsdp_doubling=0.03)
 
 
@@ -271,11 +270,9 @@ def compile_setting(config, settings: Settings, devices, tpu_slice, num_classes:
   model_flops = flops.train_flops_per_image(config, num_classes, channels) * config.batch_size / devices_count
   executed = model_flops * (LEVER_COST['remat'] if settings.remat else 1.0)
   compiled_cost = _cost_analysis(train_step)
-  # XLA's cost figures count a loop body (a scanned layer, a micro-batch) once: the HBM bytes are scaled by
-  # the FLOPs they leave out, i.e. taken at the compiled module's bytes per FLOP.
-  loops_left_out = executed / compiled_cost['flops'] if (settings.scan or settings.accum_steps > 1) and \
-      compiled_cost['flops'] else 1.0
-  hbm_bytes = compiled_cost['bytes'] * max(loops_left_out, 1.0)
+  # XLA's count of the operand and result bytes of the compiled step's operations. It counts a loop body (a
+  # scanned layer, a micro-batch) once, so with loops it is a lower bound, and the roofline stays a bound.
+  hbm_bytes = compiled_cost['bytes']
   found = collectives(train_step.as_text())
   traffic = collective_traffic(found)
   bound = roofline(chip, executed, hbm_bytes, traffic)
@@ -301,8 +298,10 @@ def candidate_settings(config, num_devices: int) -> List[Settings]:
       if (config.batch_size % accum or (config.batch_size // accum) % num_devices):
         continue  # The micro-batch must still split over every device.
       for fsdp in fsdps:
-        settings = Settings(fsdp=fsdp, scan=True, remat=remat, accum_steps=accum)
-        if (fsdp, remat, accum) != (base.fsdp, base.remat, base.accum_steps):  # Scan alone saves no memory.
+        # Remat comes with scan: unrolled, XLA schedules the recomputation early and keeps it (BENCHMARKS.md);
+        # scan without remat keeps every layer's activations stacked, with no room to rematerialise.
+        settings = Settings(fsdp=fsdp, scan=base.scan or remat, remat=remat, accum_steps=accum)
+        if settings != base:
           found.append(settings)
   return sorted(found, key=lambda s: s.cost(base))
 
@@ -339,6 +338,7 @@ def _gib(value: float) -> str:
 
 def describe(result: Compiled, config) -> List[str]:
   s, m, r, c = result.settings, result.memory, result.roofline, result.cost
+  loops = s.scan or s.accum_steps > 1
   verdict = 'fits' if result.fits else 'DOES NOT FIT'
   if not r:
     return [f'  settings: fsdp {s.fsdp}, scan {s.scan}, remat {s.remat}, accum_steps {s.accum_steps}: the TPU '
@@ -351,7 +351,7 @@ def describe(result: Compiled, config) -> List[str]:
            f'{_gib(m["state"])}, train temporaries {_gib(m["train_temporaries"])}, eval temporaries '
            f'{_gib(m["eval_temporaries"])}, batch {_gib(m["batch"])}, code {_gib(m["code"])})',
            f'  per device per step: {c["model_flops"] / 1e12:.3g} TFLOP model ({c["executed_flops"] / 1e12:.3g} '
-           f'executed), {c["hbm_bytes"] / 1e9:.3g} GB HBM traffic, '
+           f'executed), {c["hbm_bytes"] / 1e9:.3g} GB HBM traffic{" (loop bodies once)" if loops else ""}, '
            f'{c["collective_traffic"] / 1e9:.3g} GB over the interconnect']
   if result.collectives:
     lines.append('  collectives per step: ' + ', '.join(
