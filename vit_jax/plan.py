@@ -22,16 +22,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/vit_imagenet.py:L/16.',
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'The slice: v4-32, v5litepod-16, v5p-128, v6e-64, v3-32, '
-                                'or a torus such as v4:2x2x4.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Classes of the dataset; default: from the tfds catalog '
-                                    '(needed for datasets outside it, e.g. imagenet21k: 21843).')
-_SEARCH = flags.DEFINE_bool('search', True, 'When it does not fit, compile the levers\' settings until one fits.')
-_JSON = flags.DEFINE_string('json', None, 'Also write the plan (and every setting tried) to this JSON file.')
-flags.mark_flags_as_required(['config', 'topology'])
-
 GIB = 1024**3
 # What the TPU runtime keeps for itself is not in the compiled module's figures; a plan within 95% of HBM fits.
 USABLE_HBM = 0.95
@@ -453,6 +443,20 @@ def markdown_table(reports: List[Dict]) -> str:
   return '\n'.join(lines)
 
 
+def define_flags() -> None:
+  """The command line; defined only when run as a program (as `vit_jax.fewshot` does), so that importing this
+  module next to `vit_jax.main` or `vit_jax.benchmark` (which have --config and --json too) does not clash."""
+  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/vit_imagenet.py:L/16.',
+                                  lock_config=True)
+  flags.DEFINE_string('topology', None, 'The slice: v4-32, v5litepod-16, v5p-128, v6e-64, v3-32, or a torus '
+                      'such as v4:2x2x4.')
+  flags.DEFINE_integer('num_classes', None, 'Classes of the dataset; default: from the tfds catalog (needed for '
+                       'datasets outside it, e.g. imagenet21k: 21843).')
+  flags.DEFINE_bool('search', True, 'When it does not fit, compile the levers\' settings until one fits.')
+  flags.DEFINE_string('json', None, 'Also write the plan (and every setting tried) to this JSON file.')
+  flags.mark_flags_as_required(['config', 'topology'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -461,16 +465,17 @@ def main(argv):
   # Compile only: never start (or wait for) a TPU this host may have, e.g. one a running job holds.
   jax.config.update('jax_platforms', 'cpu')
   errors.quiet_library_logs()
-  report, problem = plan(_CONFIG.value, _TOPOLOGY.value, num_classes=_NUM_CLASSES.value, search=_SEARCH.value)
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  args = flags.FLAGS
+  report, problem = plan(args.config, args.topology, num_classes=args.num_classes, search=args.search)
+  if args.json:
+    with open(args.json, 'w') as f:
       json.dump(report, f, indent=1)
   if problem:
     raise errors.ConfigError(problem)
-  print(f'Fits: {_CONFIG.value.model.name} at batch {_CONFIG.value.batch_size} on {report["topology"]}.',
-        flush=True)
+  print(f'Fits: {args.config.model.name} at batch {args.config.batch_size} on {report["topology"]}.', flush=True)
 
 
 if __name__ == '__main__':
   from vit_jax import errors as _errors  # pylint: disable=ungrouped-imports
+  define_flags()
   _errors.run(main)
