@@ -4,8 +4,9 @@ the memory needed against the chip's HBM, the step's FLOPs, HBM bytes and collec
 step time with the images/s and MFU it allows; a config that does not fit gets the cheapest setting of the
 project's levers (scan, fsdp, gradient accumulation, remat) that does.
 
-  python -m vit_jax.plan --config configs/vit_imagenet.py:L/16 --topology v4-32
-  python -m vit_jax.plan --config configs/vit_imagenet.py:B/16 --topology v5litepod-64 --config.mesh.fsdp=4
+  python -m vit_jax.plan --config configs/vit_imagenet.py:L/16 --topology v4-64 --config.dtype=bfloat16
+  python -m vit_jax.plan --config configs/vit_imagenet.py:H/14 --topology v5litepod-64 --config.dtype=bfloat16 \
+      --config.model.scan=true --config.model.remat=true --config.mesh.fsdp=2
 
 Exit 0: fits as configured. Exit 2 (one line): does not fit (naming the setting that does, or that none
 does), an unknown topology, a batch the devices do not divide.
