@@ -382,9 +382,13 @@ def plan(config, topology: str, num_classes: Optional[int] = None, search: bool 
     return report, f'{needs} Run the plan without --nosearch for a setting that does.'
   say('Does not fit as configured; trying the levers, cheapest first:')
   compiled_by_kind = {(base.scan, base.remat): first}
+  state_by_layout = {}  # The state's bytes per device depend on fsdp and scan (stacked layers) only.
   smallest = first
   for settings in candidate_settings(config, len(devices)):
-    state = _state_bytes(config, settings, devices, classes, channels, num_steps)
+    layout = (settings.fsdp, settings.scan)
+    if layout not in state_by_layout:
+      state_by_layout[layout] = _state_bytes(config, settings, devices, classes, channels, num_steps)
+    state = state_by_layout[layout]
     like = compiled_by_kind.get((settings.scan, settings.remat))
     if state > USABLE_HBM * first.hbm or (like and predicted_bytes(like, settings, state) > 1.1 * first.hbm):
       continue
