@@ -213,3 +213,16 @@ def test_the_tpu_launcher_plans_first_and_refuses_a_config_that_does_not_fit_bef
   planned = subprocess.run(small, env=env, capture_output=True, text=True, timeout=600)
   assert 'Fits: ' in planned.stderr, planned.stderr[-3000:]
   assert ' create ' in calls.read_text()
+
+
+@pytest.mark.slow
+def test_a_config_no_lever_can_fit_is_refused_naming_the_smallest():
+  from vit_jax import config_lib  # pylint: disable=import-outside-toplevel
+  overrides = {'model.num_layers': 8, 'model.hidden_size': 4096, 'model.mlp_dim': 16384, 'model.num_heads': 32,
+               'image_size': 32, 'batch_size': 8}
+  config = config_lib.override(config_lib.load_config_file('configs/vit_imagenet.py:Ti/16'), overrides)
+  report, problem = plan.plan(config, 'v5litepod-1', say=lambda line: None)  # One chip: fsdp cannot help.
+  assert not report['configured']['fits'] and 'suggested' not in report
+  assert report['configured']['memory']['state'] > plan.USABLE_HBM * 16 * 1024**3  # 1.6B parameters + Adam.
+  assert problem.startswith('ViT-Ti/16 at batch 8 does not fit on v5litepod-1 even with every lever')
+  assert 'Use a larger slice or a smaller --config.batch_size' in problem
