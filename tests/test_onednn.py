@@ -81,9 +81,16 @@ def test_onednn_dots_compute_xla_s_logits_gradients_and_train_step(kind):
                                                                                             bool)}, mesh))
           for m, run in runs.items()}
   tolerances.assert_close(sums['onednn'], sums['xla'], forward, 'eval sums')
+  # Every jitted function is kept until the test ends: jaxlib 0.10.2 can abort when an executable with oneDNN
+  # dots is destroyed right after its results are ready (`analysis._jitted_apply`).
+  kept = []
+
+  def jitted(fn, matmul):
+    kept.append(jax.jit(fn, compiler_options=host_cpu.compiler_options(matmul)))
+    return kept[-1]
+
   if config.objective == 'classification':
-    logits = {m: jax.jit(lambda p, x: runs[m].model.apply({'params': p}, x),
-                         compiler_options=host_cpu.compiler_options(m))(state.params, batch['image'])
+    logits = {m: jitted(lambda p, x, m=m: runs[m].model.apply({'params': p}, x), m)(state.params, batch['image'])
               for m in runs}
     tolerances.assert_close(logits['onednn'], logits['xla'], forward, 'logits')
 
@@ -91,7 +98,7 @@ def test_onednn_dots_compute_xla_s_logits_gradients_and_train_step(kind):
   def grads(matmul):
     run = runs[matmul]
     loss = lambda p: run.objective.train_loss(run.model, p, batch, jax.random.PRNGKey(1))[0]
-    return jax.jit(jax.grad(loss), compiler_options=host_cpu.compiler_options(matmul))(state.params)
+    return jax.block_until_ready(jitted(jax.grad(loss), matmul)(state.params))
   tolerances.assert_close(grads('onednn'), grads('xla'), backward, 'gradients')
 
   # The whole train step compiles with oneDNN's dots (XLA's runs Eigen or YNNPACK) and runs.

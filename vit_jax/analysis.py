@@ -21,18 +21,24 @@ from vit_jax import host_cpu
 from vit_jax import models
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(model: models.VisionTransformer, cpu_matmul: str, intermediates: bool):
+  """`model.apply` jitted with the CPU matmul library chosen, and kept: jaxlib 0.10.2 can abort when an
+  executable with oneDNN dots is destroyed right after its results are ready ("Check failed:
+  available_.size() == num_created_" in OneDnnFusionThunk's pool), as a jit made per call is."""
+  apply = functools.partial(model.apply, mutable=['intermediates']) if intermediates else model.apply
+  return jax.jit(apply, compiler_options=host_cpu.compiler_options(cpu_matmul))
+
+
 def logits(model: models.VisionTransformer, params, images, cpu_matmul: str = 'onednn') -> np.ndarray:
   """(batch, classes) logits of `model` on `images` (eval mode), jitted with the CPU matmul library chosen."""
-  apply = jax.jit(model.apply, compiler_options=host_cpu.compiler_options(cpu_matmul))
-  return np.asarray(apply({'params': params}, images))
+  return np.asarray(_jitted_apply(model, cpu_matmul, False)({'params': params}, images))
 
 
 def attention_weights(model: models.VisionTransformer, params, images,
                       cpu_matmul: str = 'onednn') -> List[np.ndarray]:
   """[layer] -> (batch, heads, tokens, tokens) attention weights of `model` on `images` (eval mode)."""
-  apply = jax.jit(functools.partial(model.apply, mutable=['intermediates']),
-                  compiler_options=host_cpu.compiler_options(cpu_matmul))
-  _, state = apply({'params': params}, images)
+  _, state = _jitted_apply(model, cpu_matmul, True)({'params': params}, images)
   blocks = state['intermediates']['Transformer']
   if models.SCANNED_BLOCK in blocks:  # One array stacked over layers.
     stacked = np.asarray(blocks[models.SCANNED_BLOCK]['MultiHeadDotProductAttention_1']['attention_weights'][0])
