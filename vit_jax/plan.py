@@ -14,7 +14,6 @@ does), an unknown topology, a batch the devices do not divide.
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 from typing import Dict, List, Optional, Tuple
@@ -320,7 +319,7 @@ def _gib(value: float) -> str:
   return f'{value / GIB:.2f} GiB'
 
 
-def describe(result: Compiled, config) -> List[str]:
+def describe(result: Compiled) -> List[str]:
   s, m, r, c = result.settings, result.memory, result.roofline, result.cost
   loops = s.scan or s.accum_steps > 1
   verdict = 'fits' if result.fits else 'DOES NOT FIT'
@@ -362,7 +361,7 @@ def plan(config, topology: str, num_classes: Optional[int] = None, search: bool 
       f'{tpu_slice.chip.per_device(tpu_slice.chip.bf16_tflops):g} bf16 TFLOP/s')
   base = settings_of(config)
   first = compile_setting(config, base, devices, tpu_slice, classes, channels, num_steps)
-  for line in describe(first, config):
+  for line in describe(first):
     say(line)
   report = dict(topology=tpu_slice.accelerator_type, torus=tpu_slice.topology_name, hosts=hosts,
                 devices=len(devices), model=config.model.name, batch_size=config.batch_size,
@@ -388,7 +387,7 @@ def plan(config, topology: str, num_classes: Optional[int] = None, search: bool 
     say(f'  {settings.flags()}: {_gib(result.needed)}: {"fits" if result.fits else "does not fit"}')
     smallest = min(smallest, result, key=lambda r: r.needed)
     if result.fits:
-      for line in describe(result, config):
+      for line in describe(result):
         say(line)
       report['suggested'] = _as_dict(result)
       return report, (f'{needs} It fits with {settings.flags()} ({_gib(result.needed)}, at best '
