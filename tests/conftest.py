@@ -77,3 +77,16 @@ def run_main(workdir, *flags, env=None, check=True, timeout=600):
   if check and result.returncode != 0:
     raise AssertionError(f'{" ".join(cmd)} failed ({result.returncode}):\n{result.stderr[-5000:]}')
   return result
+
+
+def recording_gcloud(tmp_path):
+  """A fake `gcloud` first on PATH that records each call in `calls` (returned with the environment): a
+  describe finds nothing before a create and is granted (ACTIVE) after one; everything else succeeds."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text(
+      '#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n[[ "$*" == *describe* ]] || exit 0\n'
+      'grep -q " create " "$CALLS" && echo ACTIVE || exit 1\n')
+  (bin_dir / 'gcloud').chmod(0o755)
+  calls = tmp_path / 'calls'
+  return {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'CALLS': str(calls)}, calls

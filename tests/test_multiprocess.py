@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import recording_gcloud, ROOT, run_main
 import tolerances
 from vit_jax import checkpoints
 
@@ -325,15 +325,8 @@ def test_tpu_vm_script_ships_the_commit_creates_a_spot_slice_and_reruns_a_preemp
                                                   ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
                                                   ('v5p-128', 'v2-alpha-tpuv5'), ('v6e-64', 'v2-alpha-tpuv6e')])
 def test_tpu_vm_script_picks_the_runtime_version_of_the_accelerator_type(tmp_path, accelerator, runtime):
-  bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  (bin_dir / 'gcloud').write_text(  # Records; a describe finds nothing before a create, is granted after.
-      '#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n[[ "$*" == *describe* ]] || exit 0\n'
-      'grep -q " create " "$CALLS" && echo ACTIVE || exit 1\n')
-  (bin_dir / 'gcloud').chmod(0o755)
-  calls = tmp_path / 'calls'
-  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'CALLS': str(calls),
-         'REPO': 'https://example.com/vit_jax.git'}
+  env, calls = recording_gcloud(tmp_path)
+  env['REPO'] = 'https://example.com/vit_jax.git'
   script = ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit', 'zone-a', accelerator, 'configs/vit_l16.py',
             'gs://bucket/run']
   for queued, flag in (('0', '--version'), ('1', '--runtime-version')):

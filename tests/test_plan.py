@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import recording_gcloud
 from conftest import ROOT
 from vit_jax import errors
 from vit_jax import flops
@@ -193,15 +194,8 @@ def test_without_libtpu_the_planner_says_how_to_install_it(monkeypatch):
 
 @pytest.mark.slow
 def test_the_tpu_launcher_plans_first_and_refuses_a_config_that_does_not_fit_before_creating_anything(tmp_path):
-  bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  (bin_dir / 'gcloud').write_text(  # Records; a describe finds nothing before a create, is granted after.
-      '#!/usr/bin/env bash\necho "gcloud $*" >> "$CALLS"\n[[ "$*" == *describe* ]] || exit 0\n'
-      'grep -q " create " "$CALLS" && echo ACTIVE || exit 1\n')
-  (bin_dir / 'gcloud').chmod(0o755)
-  calls = tmp_path / 'calls'
-  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'CALLS': str(calls), 'PLAN': '1',
-         'PYTHON': sys.executable}
+  env, calls = recording_gcloud(tmp_path)
+  env.update(PLAN='1', PYTHON=sys.executable)
   config, *config_flags = WIDE
   script = ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'vit', 'zone-a', 'v5litepod-4',
             config.split('=', 1)[1], 'gs://bucket/run', *config_flags, '--heartbeat_timeout_seconds=60']
