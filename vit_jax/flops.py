@@ -34,9 +34,14 @@ def forward_flops_per_image(config, num_classes: int, channels: int) -> float:
   model = models.from_config(unrolled, num_classes)
   image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, channels), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), image)
-  cost = jax.jit(model.apply).lower(variables, image).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops'])
+  return float(cost_analysis(jax.jit(model.apply).lower(variables, image))['flops'])
+
+
+def cost_analysis(stage) -> dict:
+  """XLA's cost figures ('flops', 'bytes accessed', ...) of a lowered or compiled function (some versions
+  return them in a one-element list)."""
+  cost = stage.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 def train_flops_per_image(config, num_classes: int, channels: int) -> float:
