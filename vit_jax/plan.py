@@ -110,10 +110,11 @@ def _trip_count(condition: str, computations: Dict[str, List[str]]) -> int:
   return constants.pop() if len(constants) == 1 else 1
 
 
-def executions(hlo_text: str) -> Dict[str, int]:
+def executions(hlo_text: str, computations: Optional[Dict[str, List[str]]] = None) -> Dict[str, int]:
   """How many times each computation of a compiled module runs per call: loop bodies (scan over layers,
-  over micro-batches) times their trip counts. XLA's own cost figures count a loop body once."""
-  computations = _computations(hlo_text)
+  over micro-batches) times their trip counts. XLA's own cost figures count a loop body once.
+  `computations`: the module's, when already split (`_computations`)."""
+  computations = computations or _computations(hlo_text)
   entry = next((line.split()[1].lstrip('%') for line in hlo_text.splitlines() if line.startswith('ENTRY')), None)
   runs = {entry: 1}
   order = [entry]
@@ -134,9 +135,10 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, float]]:
   """Per collective kind: how many run per step and the bytes their results hold, per device. TPU's fused
   reduce-scatter (an all-reduce inside an `all-reduce-scatter` fusion) counts as a reduce-scatter of the
   all-reduced size."""
-  runs = executions(hlo_text)
+  computations = _computations(hlo_text)
+  runs = executions(hlo_text, computations)
   found = {kind: {'count': 0, 'bytes': 0} for kind in COLLECTIVES}
-  for name, lines in _computations(hlo_text).items():
+  for name, lines in computations.items():
     for line in lines:
       match = _COLLECTIVE.search(line)
       if not match:
