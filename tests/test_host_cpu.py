@@ -170,3 +170,21 @@ def test_the_main_job_on_a_cpu_host_with_libtpu_installed_runs_as_without_it(tmp
   assert 'Host setup: 1 CPU device(s)' in result.stderr
   for noise in ('TPU_WORKER_HOSTNAMES', 'libtpu', 'TPU_ACCELERATOR_TYPE'):
     assert noise not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_tensorflow_starts_without_keras_unless_the_user_chose_a_keras():
+  """TensorFlow imported after vit_jax leaves Keras unimported (tf.data and tfds work); a TF_USE_LEGACY_KERAS
+  the user set is kept, and Keras 3 still imports on its own."""
+  script = ('import sys, vit_jax, tensorflow as tf, tensorflow_datasets; '
+            'imported = "keras" in sys.modules; '
+            'total = int(tf.data.Dataset.range(4).map(lambda x: 2 * x).reduce(tf.constant(0, tf.int64), '
+            'lambda a, b: a + b)); '
+            'import keras; print(imported, total, keras.__version__.split(".")[0])')
+  run = lambda env: subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                                   timeout=300, env={**{k: v for k, v in os.environ.items()
+                                                        if k != 'TF_USE_LEGACY_KERAS'}, **env})
+  ours, theirs = run({}), run({'TF_USE_LEGACY_KERAS': '0'})
+  assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr[-3000:] + theirs.stderr[-3000:]
+  assert ours.stdout.split() == ['False', '12', '3']
+  assert theirs.stdout.split() == ['True', '12', '3']  # TensorFlow's own choice: Keras at its import.
