@@ -2,9 +2,9 @@
 
   python -m vit_jax.main --config configs/default.py --workdir /tmp/vit_default
 
-`vit_mu7.py` with a one-layer convolutional stem and four encoder blocks instead of six: the 3x3 convolution
-gives each 7x7 patch local features that the linear patch projection lacks, and dropping two blocks pays for
-it, so a step costs what the plain model's does. How it was chosen: docs/default_config.md.
+`vit_mu7.py` (4x4 patches of 7x7, width 128) with a stem of two 3x3 convolutions before the patch embedding,
+four encoder blocks instead of six, eight heads and the [CLS] token, trained for 3.5 epochs with a schedule
+made for a short run. How it was chosen, and the runs behind each line: docs/default_config.md.
 """
 import os
 
@@ -13,10 +13,19 @@ from vit_jax import config_lib
 
 def get_config():
   config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), 'vit_mu7.py'))
-  config.model.conv_stem = (32,)
+  # Two small convolutions give each 7x7 patch local features that the linear patch projection lacks, and
+  # cost less in the projection than one of 32; dropping two blocks pays for them.
+  config.model.conv_stem = (16, 16)
   config.model.num_layers = 4
+  config.model.num_heads = 8  # Heads of 16: same FLOPs as 4 of 32, scored higher.
   config.model.classifier = 'token'  # The paper's [CLS]; scored above GAP here.
-  config.label_smoothing = 0.1  # Worth about one epoch: 6 epochs with it beat 7 without.
-  config.num_epochs = 6.0
+  # A short run: no flip (augmentation pays back only over more epochs), short warmup, linear decay to zero.
+  config.pp.flip = False
+  config.label_smoothing = 0.1
+  config.num_epochs = 3.5
+  config.warmup_steps = 200
+  config.schedule = 'linear'
+  # One evaluation, at the end (the log shows the training accuracy every 500 steps).
+  config.eval_every_steps = 10_000
   # One CPU device (config.cpu_devices unset): no collective, steps on the calling thread (host_cpu.py).
   return config

@@ -380,7 +380,7 @@ class VisionTransformer(nn.Module):
   # Convolutional stem: output channels of 3x3 stride-1 convolutions (each + ReLU) applied to the image before
   # the patch embedding, which then projects patches of their feature map (token grid unchanged). Local
   # features that a linear patch projection lacks (cf. Xiao et al. 2021, "Early convolutions help
-  # transformers see better"); `configs/default.py` uses one layer of 32. Not part of the published models.
+  # transformers see better"); `configs/default.py` uses two layers of 16. Not part of the published models.
   conv_stem: Optional[Sequence[int]] = None
   dtype: Any = jnp.float32  # Of activations and matmuls; parameters stay float32 (mixed precision).
   remat: bool = False
