@@ -149,7 +149,7 @@ def test_a_workdir_resumes_only_under_its_own_config_or_a_longer_schedule(tmp_pa
   config_lib.check_resumable(longer, str(tmp_path))  # Extending the run and logging more often are fine.
   other = load_config('default.py')
   other.lr, other.model.conv_stem = 3e-3, (16,)
-  with pytest.raises(ValueError, match=r'lr: 0.001 -> 0.003; model.conv_stem: \[32\] -> \[16\]'):
+  with pytest.raises(ValueError, match=r'lr: 0.001 -> 0.003; model.conv_stem: \[16, 16\] -> \[16\]'):
     config_lib.check_resumable(other, str(tmp_path))
   for field, value in (('dtype', 'bfloat16'), ('scan', True)):  # Other math; another parameter layout.
     other = load_config('default.py')
@@ -177,7 +177,7 @@ def test_a_workdir_recorded_before_newer_fields_reads_with_their_defaults(tmp_pa
   base = config_lib.base_config()
   assert config.cpu_matmul == base.cpu_matmul and config.model.scan is False
   assert dict(config.fewshot) == base.fewshot.to_dict()
-  assert config.lr == 3e-3 and config.model.conv_stem == (32,)  # What was recorded wins.
+  assert config.lr == 3e-3 and config.model.conv_stem == (16, 16)  # What was recorded wins.
 
 
 def test_validate_names_every_bad_field_and_its_fix():

@@ -7,6 +7,7 @@ No heavy imports here: `config_lib` and the models use it before JAX or TensorFl
 import errno
 import logging as py_logging
 import os
+import signal
 import sys
 
 from absl import app
@@ -105,6 +106,13 @@ def _exit_with_one_line(error) -> None:
   sys.exit(2)
 
 
+def _stopped_at_once(exit_function) -> None:
+  sys.stderr.write('Stopped at once by Ctrl-C. Checkpoints are renamed into place only when complete, so the newest '
+                   'committed one (if any) is intact: rerun the same command to resume from it.\n')
+  sys.stderr.flush()
+  exit_function(INTERRUPTED_EXIT_STATUS)
+
+
 def run(main) -> None:
   """`absl.app.run(main)`, with user errors printed as one message and exit status 2."""
   # Defined here, not at import: libraries and notebooks import this module too.
@@ -114,16 +122,16 @@ def run(main) -> None:
     try:
       return main(argv)
     except Preempted as e:
+      # Saved and stopped. The interpreter's exit (JAX's and orbax's exit handlers) still takes a moment: a
+      # Ctrl-C then stops at once, as during the run, not with a traceback from an exit handler.
+      signal.signal(signal.SIGINT, lambda signum, frame: _stopped_at_once(os._exit))
       sys.stderr.write(f'{e}\n')
       sys.stderr.flush()
       sys.exit(e.exit_status)
     except KeyboardInterrupt:
       if show_tracebacks():
         raise
-      sys.stderr.write('Stopped at once by Ctrl-C. Checkpoints are renamed into place only when complete, so the '
-                       'newest committed one (if any) is intact: rerun the same command to resume from it.\n')
-      sys.stderr.flush()
-      sys.exit(INTERRUPTED_EXIT_STATUS)
+      _stopped_at_once(sys.exit)
     except UserError as e:
       _exit_with_one_line(e)
     except OSError as e:
