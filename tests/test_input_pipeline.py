@@ -1,5 +1,6 @@
 """The embedded tfds datasets and the tf.data pipeline, on real data built on disk."""
 import gzip
+import io
 import os
 
 import numpy as np
@@ -25,7 +26,12 @@ def test_digits_build_into_a_tfds_dataset_with_stratified_splits(data_dir):
   assert os.path.isdir(os.path.join(data_dir, 'embedded_digits', '1.0.0'))
   info = input_pipeline.get_info(builder, _digits_config(data_dir))
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples, info.channels) == (10, 1442, 355, 1)
-  labels = np.array([ex['label'] for ex in builder.as_dataset(split='test').as_numpy_iterator()])
+  examples = list(builder.as_dataset(split='test').as_numpy_iterator())
+  # Every stored image is an original one, pixel for pixel (the builder writes its own PNGs).
+  images, labels = embedded.read_digits('test')
+  originals = {(image.tobytes(), int(label)) for image, label in zip(images, labels)}
+  assert all((ex['image'].tobytes(), int(ex['label'])) in originals for ex in examples)
+  labels = np.array([ex['label'] for ex in examples])
   # Stratified: every class keeps a fifth of its ~180 examples for the test split.
   counts = np.bincount(labels, minlength=10)
   assert counts.min() >= 34 and counts.max() <= 37, counts
@@ -45,6 +51,16 @@ def test_fashion_mnist_builds_from_the_debian_files(data_dir):
   for example in builder.as_dataset(split='test').take(50).as_numpy_iterator():
     assert example['image'].shape == (28, 28, 1)
     assert (example['image'].tobytes(), int(example['label'])) in originals
+
+
+@pytest.mark.parametrize('shape', [(28, 28, 1), (5, 7, 3), (1, 1, 1)])
+def test_encoded_png_decodes_to_the_same_pixels_in_tensorflow_and_pil(shape):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  data = embedded.encode_png(pixels)
+  np.testing.assert_array_equal(tf.io.decode_png(data, channels=shape[-1]).numpy(), pixels)
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))).reshape(shape), pixels)
 
 
 def test_missing_fashion_mnist_files_name_the_install_command(tmp_path, monkeypatch):
