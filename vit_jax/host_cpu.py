@@ -102,6 +102,16 @@ def compiler_options(cpu_matmul: str = 'onednn', platform: Optional[str] = None)
   return dict(ONEDNN_DOT)
 
 
+def run_once_options(platform: Optional[str] = None) -> Optional[dict]:
+  """XLA compiler options for a program that runs once, such as the weights' initialisation: on the CPU, less
+  backend optimisation (it takes longer to compile than it saves in one run); None elsewhere (`platform`,
+  default the default backend's). Level 1, not 0: at 0 LLVM stops fusing multiply-adds, and a few initial
+  weights would move by an ulp (tests/test_train.py)."""
+  if (platform or jax.default_backend()) != 'cpu':
+    return None
+  return {'xla_backend_optimization_level': 1}
+
+
 def setup(config=None, cpu_devices: Optional[int] = None) -> dict:
   """Sets up the host from `config.cpu_devices` (or `cpu_devices`); call before any JAX computation.
 

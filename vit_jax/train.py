@@ -203,9 +203,10 @@ class TrainSetup:
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """Fresh weights, created directly in their shards (never whole on one device)."""
+    platform = next(iter(jax.tree.leaves(self.state_sharding)[0].device_set)).platform
     init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape, self.objective,
                                           self.ema),
-                   out_shardings=self.state_sharding)
+                   out_shardings=self.state_sharding, compiler_options=host_cpu.run_once_options(platform))
     return init(rng)
 
 
