@@ -205,3 +205,15 @@ def test_fine_tuning_at_higher_resolution_from_a_workdir_and_from_an_npz(tmp_pat
   assert bad.returncode != 0 and 'does not fit the model' in bad.stderr and 'step 1' not in bad.stderr
   required = run_main(tmp_path / 'required', '--config=configs/vit_b16_finetune.py', check=False)
   assert required.returncode != 0 and 'set --config.init_from' in required.stderr
+
+
+def test_checksums_are_those_of_checkpoints_written_before_their_compile_options_changed():
+  # Checkpoints already written carry checksums computed by the fingerprint compiled at XLA's default level:
+  # the lighter compile must give the same integers, or every restore of them would fail its check.
+  rng = np.random.default_rng(0)
+  arrays = {'f32': rng.normal(size=(3, 5, 7)).astype(np.float32), 'scalar': np.float32(2.5),
+            'bf16': jnp.asarray(rng.normal(size=(64,)), jnp.bfloat16), 'i32': rng.integers(-9, 9, (4, 4), np.int32),
+            'u8': rng.integers(0, 255, (2, 28, 28, 1), np.uint8), 'bool': rng.random(10) > 0.5}
+  default = jax.jit(checkpoints._fingerprint)  # pylint: disable=protected-access
+  expected = {name: [int(v) for v in np.asarray(default(jnp.asarray(x)))] for name, x in arrays.items()}
+  assert checkpoints.array_checksums({k: jnp.asarray(v) for k, v in arrays.items()}) == expected

@@ -122,4 +122,4 @@ def test_the_initialisation_compiled_with_less_optimisation_draws_the_same_weigh
   # optimisation that reassociated or dropped a fused multiply-add would show as ulps here.
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert host_cpu.run_once_options('cpu') and host_cpu.run_once_options('tpu') is None
+  assert host_cpu.light_compile_options('cpu') and host_cpu.light_compile_options('tpu') is None

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 import scipy.ndimage
 
 from vit_jax import errors
+from vit_jax import host_cpu
 from vit_jax import models
 from vit_jax import paths
 from vit_jax import storage
@@ -142,7 +143,8 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 def _fingerprint_fn(out_sharding):
   # One small program per array shape, reused by the layers that share it: far cheaper to compile than one
   # program over every array (docs/faults.md has both).
-  return jax.jit(_fingerprint, out_shardings=out_sharding)
+  return jax.jit(_fingerprint, out_shardings=out_sharding, compiler_options=host_cpu.light_compile_options(
+      next(iter(out_sharding.device_set)).platform if out_sharding is not None else None))
 
 
 def array_checksums(tree: Any, out_sharding=None) -> Dict[str, List[int]]:

@@ -206,7 +206,7 @@ class TrainSetup:
     platform = next(iter(jax.tree.leaves(self.state_sharding)[0].device_set)).platform
     init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape, self.objective,
                                           self.ema),
-                   out_shardings=self.state_sharding, compiler_options=host_cpu.run_once_options(platform))
+                   out_shardings=self.state_sharding, compiler_options=host_cpu.light_compile_options(platform))
     return init(rng)
 
 
