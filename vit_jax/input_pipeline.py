@@ -225,7 +225,16 @@ def train_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: 
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return iter(tfds.as_numpy(ds))
+  return iter(tfds.as_numpy(_untuned(ds) if config.cache_data else ds))
+
+
+def _untuned(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """`ds` without tf.data's autotuning, for a dataset held in memory, which needs none (as many images/s
+  without). Autotuning's background thread can hold up the destruction of its iterator, the end of a run,
+  for up to a minute (TensorFlow 2.21: BENCHMARKS.md, "Start-up")."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
 
 
 def eval_batches_per_process(num_examples: int, local_batch_size: int) -> int:
@@ -247,7 +256,8 @@ def eval_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: i
       'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0)}).repeat()
   num_batches = eval_batches_per_process(num_examples, local_batch_size)
   ds = ds.concatenate(padding).take(num_batches * local_batch_size)
-  return ds.batch(local_batch_size).prefetch(tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch_size).prefetch(tf.data.AUTOTUNE)
+  return _untuned(ds) if config.cache_data else ds
 
 
 def process_batch_size(global_batch_size: int) -> int:
