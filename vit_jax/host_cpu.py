@@ -104,10 +104,10 @@ def compiler_options(cpu_matmul: str = 'onednn', platform: Optional[str] = None)
 
 def light_compile_options(platform: Optional[str] = None) -> Optional[dict]:
   """XLA compiler options for a program that runs rarely (the weights' initialisation, a checkpoint's
-  checksums): on the CPU, backend optimisation level 1, which compiles these in about 2/3 of the default's
-  time and runs them as fast (level 0 would run the checksums 6x slower, and move a few initial
-  weights by an ulp: it stops fusing multiply-adds); None elsewhere (`platform`, default the default
-  backend's). Same results as the default level: tests/test_train.py, tests/test_checkpoints.py."""
+  checksums): on the CPU, backend optimisation level 1, which compiles these faster than the default level
+  and runs them as fast, with the same results (tests/test_train.py, tests/test_checkpoints.py); level 0
+  would run them slower and move a few initial weights by an ulp (BENCHMARKS.md, "Start-up"). None elsewhere
+  (`platform`, default the default backend's)."""
   if (platform or jax.default_backend()) != 'cpu':
     return None
   return {'xla_backend_optimization_level': 1}
