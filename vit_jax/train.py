@@ -200,14 +200,11 @@ class TrainSetup:
   state_sharding: TrainState
   train_fn: Callable
   eval_fn: Callable
+  init_fn: Callable
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """Fresh weights, created directly in their shards (never whole on one device)."""
-    platform = next(iter(jax.tree.leaves(self.state_sharding)[0].device_set)).platform
-    init = jax.jit(lambda rng: init_state(self.model, self.optimizer, rng, self.image_shape, self.objective,
-                                          self.ema),
-                   out_shardings=self.state_sharding, compiler_options=host_cpu.light_compile_options(platform))
-    return init(rng)
+    return self.init_fn(rng)
 
 
 def setup(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int, num_steps: int,
@@ -229,11 +226,15 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int, num_s
                                                          config.batch_size, mesh, config.mesh.min_shard_size,
                                                          ema)
   state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state)
+  init_fn = jax.jit(lambda rng: init_state(model, optimizer, rng, image_shape, objective, ema),
+                    out_shardings=state_sharding,
+                    compiler_options=host_cpu.light_compile_options(mesh.devices.flat[0].platform))
   return TrainSetup(model=model, optimizer=optimizer, objective=objective, image_shape=image_shape, ema=ema,
                     abstract_state=abstract_state, abstract_batch=abstract_batch,
                     state_sharding=state_sharding,
                     train_fn=jit_train_step(model, optimizer, objective, config, mesh, state_sharding),
-                    eval_fn=jit_eval_step(model, objective, config, mesh, state_sharding.params))
+                    eval_fn=jit_eval_step(model, objective, config, mesh, state_sharding.params),
+                    init_fn=init_fn)
 
 
 class ProgressLogger:
