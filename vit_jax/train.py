@@ -5,8 +5,10 @@ The steps are jitted over the device mesh of `sharding.py` with the shardings it
 the run's objective (`objectives.py`). The same code runs on one CPU device, on simulated devices and on a
 pod.
 """
+import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import shutil
 import sys
 import tempfile
@@ -545,7 +547,9 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
     fewshot_evaluator = fewshot.Evaluator(config, run.model, mesh, info.channels)
   train_metrics, summary = [], {}
   step = start_step
-  with mesh:
+  with mesh:  # Compiled under the mesh context, as the loop calls it (another context would compile it again).
+    if start_step < num_steps:
+      device_batches = _first_batch_while_compiling(device_batches, train_fn, state, run.abstract_batch)
     for step in range(start_step + 1, num_steps + 1):
       profiler.before_step(step)
       state, metrics = train_fn(state, next(device_batches))
@@ -591,6 +595,16 @@ def _train_and_evaluate(config, workdir, adopt_config, fallback_to_intact_checkp
   writer.wait()
   manager.close()
   return {**result, 'step': int(jax.device_get(state.step)), 'train_loss': summary.get('loss')}
+
+
+def _first_batch_while_compiling(device_batches, train_fn, state, abstract_batch):
+  """`device_batches`, its first batch drawn in a thread while this one compiles the train step: the first
+  batch waits for the input pipeline to fill its shuffle buffer, compiling waits for XLA, and neither needs
+  the other. The loop's first call then finds the step compiled."""
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='first_batch') as pool:
+    first = pool.submit(next, device_batches)
+    train_fn.lower(state, abstract_batch).compile()
+    return itertools.chain([first.result()], device_batches)
 
 
 @jax.jit
