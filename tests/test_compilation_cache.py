@@ -63,9 +63,11 @@ def test_a_rerun_compiles_nothing_and_a_changed_config_compiles_anew(tmp_path, d
   flags = ('--config=configs/digits.py', '--config.model.num_layers=1', '--config.batch_size=32',
            '--config.eval_batch_size=71', '--config.warmup_steps=2', '--config.total_steps=4',
            '--config.cpu_matmul=xla', f'--config.data_dir={data_dir}')
-  first = run_main(tmp_path / 'first', *flags)
+  first = run_main(tmp_path / 'first', *flags, env={'JAX_LOG_COMPILES': '1'})
   loaded, compiled = _cache_use(first.stderr)
   assert loaded == 0 and compiled > 2  # Initialisation, the train and eval steps, and smaller programs.
+  # Compiled once, while the first batch was drawn: the loop's first call must not compile it again.
+  assert first.stderr.count('Finished XLA compilation of jit(train_step)') == 1, first.stderr[-3000:]
   assert os.listdir(tmp_path / 'jax_compilation_cache')
   again = run_main(tmp_path / 'again', *flags)
   assert _cache_use(again.stderr) == (compiled, 0)  # Everything loaded, nothing compiled.

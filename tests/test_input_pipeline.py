@@ -108,6 +108,26 @@ def test_train_batches_are_augmented_in_range_and_resumable(data_dir):
   assert not np.array_equal(plain['image'], images)
 
 
+def test_unaugmented_cached_batches_are_the_stored_images_each_once_in_the_model_range(data_dir):
+  # Cached, no crop or flip, stored at the model's size (the digits' 8x8): no per-image map runs, and the
+  # conversion to [-1, 1] runs on whole batches.
+  import collections  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = _digits_config(data_dir)
+  builder = input_pipeline.get_builder(config.dataset, data_dir)
+  stored = collections.Counter(
+      ((example['image'].astype(np.float32) / np.float32(127.5) - np.float32(1.0)).tobytes(), int(example['label']))
+      for example in tfds.as_numpy(builder.as_dataset(split='train')))
+  stream = input_pipeline.train_dataset(builder, config, local_batch_size=32)
+  batches = [next(stream) for _ in range(45)]  # 1,440 of the 1,442 examples: all from the first epoch.
+  assert batches[0]['image'].dtype == np.float32 and batches[0]['image'].shape == (32, 8, 8, 1)
+  streamed = collections.Counter((image.tobytes(), int(label)) for batch in batches
+                                 for image, label in zip(batch['image'], batch['label']))
+  assert sum(streamed.values()) == 1440 and not streamed - stored  # Exactly stored values, none twice.
+  resumed = next(input_pipeline.train_dataset(builder, config, local_batch_size=32, start_step=7))
+  np.testing.assert_array_equal(resumed['image'], batches[7]['image'])
+
+
 def test_a_stream_read_from_storage_resumes_in_its_epoch_with_the_same_batches(data_dir):
   # Not cached: each epoch is one pass in an order of its own, and a resumed stream starts in its epoch (the
   # digits' 1,442 training examples: step 50 of 32 is 158 examples into the second epoch).

@@ -130,7 +130,7 @@ def _decoder(builder):
                           'label': tf.cast(example['label'], tf.int32)}
 
 
-def to_model_range(image):
+def _to_model_range(image):
   return tf.cast(image, tf.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1], as the published models expect.
 
 
@@ -153,7 +153,7 @@ def decode_jpeg_crop(data, seed, pp: ml_collections.ConfigDict, channels: int):
 
 def preprocess_train(example, seed, pp: ml_collections.ConfigDict, image_size: int, decode=None):
   """Inception crop (random area and aspect ratio, resized back) and random horizontal flip, in the pixel range
-  (`to_model_range` follows, on whole batches). With `decode`
+  (`_to_model_range` follows, on whole batches). With `decode`
   (the image feature, whose `decode_example` turns bytes into pixels), `example['image']` is still encoded:
   with `pp.decode_and_crop`, a JPEG then has only its crop decoded."""
   image = example['image']
@@ -186,7 +186,7 @@ def _resize(image, image_size: int):
 
 def preprocess_eval(example, image_size: int):
   image = _resize(example['image'], image_size)
-  return {'image': to_model_range(image), 'label': example['label']}
+  return {'image': _to_model_range(image), 'label': example['label']}
 
 
 def _read_split(builder, split: str, shuffle_seed: Optional[int]):
@@ -233,12 +233,15 @@ def train_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: 
   if not config.cache_data or config.pp.inception_crop or config.pp.flip or (
       tuple(stored_shape[:2]) != (config.image_size, config.image_size)):
     # Otherwise (decoded, no augmentation, the right size) there is nothing to do per image, and tf.data's
-    # per-element map would cost more CPU than the rest of the pipeline (BENCHMARKS.md, "Input pipeline").
+    # per-element map would cost more CPU than the rest of the pipeline (BENCHMARKS.md, "Input pipeline of a
+    # dataset held in memory").
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  # On whole batches (one op instead of one per image, the same values); `index` is left when unprepared.
-  ds = ds.map(lambda *index_and_batch: {**index_and_batch[-1], 'image': to_model_range(index_and_batch[-1]['image'])})
-  ds = ds.prefetch(tf.data.AUTOTUNE)
+
+  def to_model_input(*index_and_batch):  # The stream's positions are still there when `prepare` did not run.
+    batch = index_and_batch[-1]
+    return {**batch, 'image': _to_model_range(batch['image'])}  # Once per batch: the same values.
+
+  ds = ds.batch(local_batch_size, drop_remainder=True).map(to_model_input).prefetch(tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(_untuned(ds) if config.cache_data else ds))
 
 
