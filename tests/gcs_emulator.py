@@ -1,6 +1,8 @@
-"""Runs gcp-storage-emulator (one bucket) with one gap to real GCS closed: its downloads carry no
+"""Runs gcp-storage-emulator (one bucket) with two gaps to real GCS closed: its downloads carry no
 `x-goog-generation` header, which GCS always sends and TensorStore (orbax's array storage) requires to read
-("Malformed StorageGeneration").
+("Malformed StorageGeneration"); and its files on disk are rewritten in place, so that a stop mid-write (the
+outage tests stop it while a run writes) could leave its index half written and the next start failing on it,
+where a GCS write is whole or absent.
 
   python tests/gcs_emulator.py HOST PORT BUCKET [DATA_DIR]
 
@@ -8,8 +10,10 @@ The bucket lives in memory, or under DATA_DIR when given: then the emulator can 
 on the same port and the bucket is still there (a storage outage).
 """
 from http import HTTPStatus
+import os
 import sys
 
+from gcp_storage_emulator import storage as emulator_storage
 from gcp_storage_emulator.handlers import objects
 
 _download = objects.download
@@ -24,6 +28,22 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
 
 
 objects.download = _download_with_generation
+
+_write_bytes = emulator_storage._FileStore.write_bytes  # pylint: disable=protected-access
+
+
+def _write_bytes_whole(store, rel, content):
+  if store._use_memory:  # pylint: disable=protected-access
+    _write_bytes(store, rel, content)
+    return
+  path = store._disk_path(rel)  # pylint: disable=protected-access
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f'{path.name}.partial-{os.getpid()}')
+  partial.write_bytes(content)
+  os.replace(partial, path)
+
+
+emulator_storage._FileStore.write_bytes = _write_bytes_whole  # pylint: disable=protected-access
 # The routes take the handler functions when the server module loads: imported after the replacement.
 from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -46,7 +46,8 @@ class Emulator:
   def __init__(self, log_dir, on_disk=False):
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
-    self.log = open(log_dir / 'emulator.log', 'a')
+    self.log_path = log_dir / 'emulator.log'
+    self.log = open(self.log_path, 'a')
     self.data_dir = str(log_dir / 'bucket') if on_disk else None
     self.server = None
 
@@ -60,7 +61,8 @@ class Emulator:
         urllib.request.urlopen(f'{self.url}/storage/v1/b/{BUCKET}', timeout=2).read()
         return
       except OSError:
-        assert self.server.poll() is None and time.time() < deadline, 'the GCS emulator did not start'
+        assert self.server.poll() is None and time.time() < deadline, (
+            f'the GCS emulator did not start:\n{self.log_path.read_text()[-3000:]}')
         time.sleep(0.2)
 
   def stop(self):

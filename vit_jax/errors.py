@@ -106,11 +106,14 @@ def _exit_with_one_line(error) -> None:
   sys.exit(2)
 
 
-def _stopped_at_once(exit_function) -> None:
+def _stopped_at_once() -> None:
+  """Exits 130 without the interpreter's shutdown: that would wait for, or tear down mid-work, the threads and
+  event loops of a save in flight (orbax's), and print their errors and tracebacks after this message."""
   sys.stderr.write('Stopped at once by Ctrl-C. Checkpoints are renamed into place only when complete, so the newest '
                    'committed one (if any) is intact: rerun the same command to resume from it.\n')
+  sys.stdout.flush()
   sys.stderr.flush()
-  exit_function(INTERRUPTED_EXIT_STATUS)
+  os._exit(INTERRUPTED_EXIT_STATUS)  # pylint: disable=protected-access
 
 
 def run(main) -> None:
@@ -124,14 +127,14 @@ def run(main) -> None:
     except Preempted as e:
       # Saved and stopped. The interpreter's exit (JAX's and orbax's exit handlers) still takes a moment: a
       # Ctrl-C then stops at once, as during the run, not with a traceback from an exit handler.
-      signal.signal(signal.SIGINT, lambda signum, frame: _stopped_at_once(os._exit))
+      signal.signal(signal.SIGINT, lambda signum, frame: _stopped_at_once())
       sys.stderr.write(f'{e}\n')
       sys.stderr.flush()
       sys.exit(e.exit_status)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # The second Ctrl-C; the run's `finally`s (its workdir lock, its files) have run.
       if show_tracebacks():
         raise
-      _stopped_at_once(sys.exit)
+      _stopped_at_once()
     except UserError as e:
       _exit_with_one_line(e)
     except OSError as e:
