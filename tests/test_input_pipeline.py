@@ -128,6 +128,28 @@ def test_unaugmented_cached_batches_are_the_stored_images_each_once_in_the_model
   np.testing.assert_array_equal(resumed['image'], batches[7]['image'])
 
 
+def test_decoded_images_skip_the_per_image_step_only_where_it_would_change_nothing():
+  # Each of the augmentation's switches on alone, at the stored size and another: where the pipeline would
+  # skip `preprocess_train`, it returns the image as it is (a new step it does not know of fails here).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (28, 28, 1), dtype=np.uint8)
+  example = {'image': tf.constant(image), 'label': tf.constant(3)}
+  switches = [name for name, value in config_lib.base_config().pp.items() if isinstance(value, bool)]
+  assert {'inception_crop', 'flip'} <= set(switches)
+  skipped = 0
+  for switched_on in [None, *switches]:
+    pp = config_lib.base_config().pp
+    for name in switches:
+      pp[name] = name == switched_on
+    for image_size in (28, 32):
+      if input_pipeline.passes_decoded_images_through(pp, image.shape, image_size):
+        skipped += 1
+        for seed in range(4):
+          out = input_pipeline.preprocess_train(example, tf.constant([seed, 0], tf.int64), pp, image_size)
+          np.testing.assert_array_equal(out['image'].numpy(), image, err_msg=f'{switched_on} on')
+  assert skipped == 2  # No switch on, and decode_and_crop alone (it acts only on encoded images).
+
+
 def test_a_stream_read_from_storage_resumes_in_its_epoch_with_the_same_batches(data_dir):
   # Not cached: each epoch is one pass in an order of its own, and a resumed stream starts in its epoch (the
   # digits' 1,442 training examples: step 50 of 32 is 158 examples into the second epoch).

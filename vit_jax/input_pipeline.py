@@ -178,6 +178,13 @@ def preprocess_train(example, seed, pp: ml_collections.ConfigDict, image_size: i
   return {'image': image, 'label': example['label']}
 
 
+def passes_decoded_images_through(pp: ml_collections.ConfigDict, stored_shape, image_size: int) -> bool:
+  """Whether `preprocess_train` returns a decoded image of `stored_shape` as it is (no crop, no flip, no
+  resize), so that the pipeline can skip it. A step added to `preprocess_train` belongs here too (a test turns
+  on each of `pp`'s switches and checks)."""
+  return not pp.inception_crop and not pp.flip and tuple(stored_shape[:2]) == (image_size, image_size)
+
+
 def _resize(image, image_size: int):
   if image.shape[0] == image.shape[1] == image_size:
     return image  # Already the size (e.g. uncropped 28x28 Fashion-MNIST): resizing would cost, not change.
@@ -229,12 +236,10 @@ def train_dataset(builder, config: ml_collections.ConfigDict, local_batch_size: 
     return preprocess_train(example, tf.stack([tf.constant(seed, tf.int64), index]), config.pp,
                             config.image_size, decode=None if config.cache_data else builder.info.features['image'])
 
-  stored_shape = builder.info.features['image'].shape
-  if not config.cache_data or config.pp.inception_crop or config.pp.flip or (
-      tuple(stored_shape[:2]) != (config.image_size, config.image_size)):
-    # Otherwise (decoded, no augmentation, the right size) there is nothing to do per image, and tf.data's
-    # per-element map would cost more CPU than the rest of the pipeline (BENCHMARKS.md, "Input pipeline of a
-    # dataset held in memory").
+  if not (config.cache_data and passes_decoded_images_through(config.pp, builder.info.features['image'].shape,
+                                                              config.image_size)):
+    # Otherwise there is nothing to do per image, and tf.data's per-element map would cost more CPU than the
+    # rest of the pipeline (BENCHMARKS.md, "Input pipeline of a dataset held in memory").
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def to_model_input(*index_and_batch):  # The stream's positions are still there when `prepare` did not run.
