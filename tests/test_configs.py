@@ -184,12 +184,13 @@ def test_a_workdir_recorded_before_newer_fields_reads_with_their_defaults(tmp_pa
 def test_validate_names_every_bad_field_and_its_fix():
   config = load_config('digits.py')
   config.update(dict(lr=-1e-3, optimizer='lamb', ema_decay=1.0, accum_steps=5, objective='masked_patches',
-                     init_from='/some/workdir'))
+                     init_from='/some/workdir', compilation_cache_dir='none'))
   with pytest.raises(ValueError) as error:
     config_lib.validate(config)
   message = str(error.value)
   for part in ('config.lr=-0.001', "Unknown optimizer 'lamb'", 'ema_decay=1.0', 'accum_steps=5',
-               'Masked patch prediction pretrains from scratch'):
+               'Masked patch prediction pretrains from scratch',
+               "compilation_cache_dir='none' would be a folder of that name: --config.compilation_cache_dir=''"):
     assert part in message, (part, message)
   finetune = load_config('vit_b16_finetune.py')  # Its init_from is left for the user to give.
   with pytest.raises(ValueError, match='set --config.init_from'):

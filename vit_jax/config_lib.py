@@ -219,6 +219,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.storage_patience_minutes >= 0, f'config.storage_patience_minutes={config.storage_patience_minutes} '
                                              'must not be negative (0: stop as soon as storage fails).')
   check(config.warmup_steps >= 0, f'config.warmup_steps={config.warmup_steps} must not be negative.')
+  check(str(config.compilation_cache_dir).lower() not in ('none', 'off', 'false', '0'),
+        f'config.compilation_cache_dir={config.compilation_cache_dir!r} would be a folder of that name: '
+        "--config.compilation_cache_dir='' turns the cache off ('auto': beside the workdir).")
   for field in ('b1', 'b2', 'momentum', 'label_smoothing', 'model.dropout_rate', 'model.attention_dropout_rate'):
     value = config[field]  # ConfigDict reads dotted fields ('model.dropout_rate') itself.
     check(value is not None and 0.0 <= value < 1.0, f'config.{field}={value} must be in [0, 1).')
