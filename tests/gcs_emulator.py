@@ -1,8 +1,8 @@
 """Runs gcp-storage-emulator (one bucket) with two gaps to real GCS closed: its downloads carry no
 `x-goog-generation` header, which GCS always sends and TensorStore (orbax's array storage) requires to read
-("Malformed StorageGeneration"); and its files on disk are rewritten in place, so that a stop mid-write (the
-outage tests stop it while a run writes) could leave its index half written and the next start failing on it,
-where a GCS write is whole or absent.
+("Malformed StorageGeneration"); and it rewrites its files on disk in place, so that a stop mid-write (the
+outage test stops it while a run writes) could leave its index half written and its next start failing to
+read it. Here each file is written whole or not at all, as a GCS object is.
 
   python tests/gcs_emulator.py HOST PORT BUCKET [DATA_DIR]
 
