@@ -182,11 +182,15 @@ def passes_decoded_images_through(pp: ml_collections.ConfigDict, stored_shape, i
   """Whether `preprocess_train` returns a decoded image of `stored_shape` as it is (no crop, no flip, no
   resize), so that the pipeline can skip it. A step added to `preprocess_train` belongs here too (a test turns
   on each of `pp`'s switches and checks)."""
-  return not pp.inception_crop and not pp.flip and tuple(stored_shape[:2]) == (image_size, image_size)
+  return not pp.inception_crop and not pp.flip and _has_size(stored_shape, image_size)
+
+
+def _has_size(shape, image_size: int) -> bool:
+  return tuple(shape[:2]) == (image_size, image_size)  # An unknown (None) side is not the size.
 
 
 def _resize(image, image_size: int):
-  if image.shape[0] == image.shape[1] == image_size:
+  if _has_size(image.shape, image_size):
     return image  # Already the size (e.g. uncropped 28x28 Fashion-MNIST): resizing would cost, not change.
   return tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
 
